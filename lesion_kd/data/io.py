@@ -1,0 +1,118 @@
+"""Reading images and masks of any common format into one canonical form, with errors that name the file.
+
+- ``read_image``: (H, W, 3) uint8 RGB. Gray is replicated, RGBA drops alpha, 16-bit (or float) images are
+  min-max scaled to 8 bits. Formats: whatever Pillow reads (PNG, JPEG, BMP, TIFF, ...), ``.npy``.
+- ``read_mask``: (H, W) uint8 in {0, 1}. Accepts 0/1 and 0/255 masks (any two levels whose lower one is 0);
+  anything else (grey levels, more than two values) is a :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".npy")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+def _open_array(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix.lower() == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any failure means the file is unreadable
+            raise DataError(f"{path}: unreadable .npy file ({e})") from e
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "HSV", "1"):
+                im = im.convert("RGBA" if im.mode in ("PA",) else ("L" if im.mode in ("LA", "1") else "RGB"))
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: corrupt or unreadable image ({e})") from e
+
+
+def to_uint8_rgb(arr: np.ndarray, name: str = "image") -> np.ndarray:
+    """Any (H, W), (H, W, 1|3|4) array of any numeric dtype -> (H, W, 3) uint8."""
+    if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+        arr = arr[..., :3] if arr.shape[2] >= 3 else arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(f"{name}: unsupported image shape {arr.shape} (expected H x W, or H x W x 1/3/4)")
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    a = arr.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise DataError(f"{name}: image contains NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    scaled = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+    return np.ascontiguousarray(np.round(scaled).astype(np.uint8))
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB image; raises :class:`DataError` naming ``path`` when it cannot."""
+    return to_uint8_rgb(_open_array(path), str(path))
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """(H, W) uint8 {0, 1} mask from a 0/1 or 0/255 (or 0/K) single-level mask file."""
+    arr = _open_array(path)
+    if arr.ndim == 3:
+        if arr.shape[2] == 4:
+            arr = arr[..., :3]
+        if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
+            raise DataError(f"{path}: mask has differing colour channels; expected a single-channel 0/1 or 0/255 mask")
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(f"{path}: unsupported mask shape {arr.shape}")
+    values = np.unique(arr)
+    if len(values) > 2 or (len(values) == 2 and values[0] != 0) or (len(values) == 1 and values[0] not in (0, 1, 255)):
+        shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
+        raise DataError(
+            f"{path}: mask has values {{{shown}}}; expected two levels (0/1 or 0/255). "
+            "Threshold grey-level or JPEG-compressed masks before use."
+        )
+    return (arr > 0).astype(np.uint8)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image file without decoding its pixels (header only for Pillow formats)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        return tuple(_open_array(path).shape[:2])  # type: ignore[return-value]
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            return h, w
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: corrupt or unreadable image ({e})") from e
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_png(path: str | os.PathLike, arr: np.ndarray) -> None:
+    """Atomically write a uint8 array as PNG."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
