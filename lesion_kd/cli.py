@@ -1,0 +1,146 @@
+"""The ``lesion-kd`` command: LightningCLI's fit/validate/test/predict plus the suite's own subcommands.
+
+Kept thin: every option lives on the data module, the method or the trainer, where LightningCLI and
+jsonargparse type-check it and take its help text from the docstrings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data import LesionDataModule
+from .methods import SegmentationModule
+
+LIGHTNING_COMMANDS = {
+    "fit": "train a method (then test its best checkpoint, unless --test_after_fit false)",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test split and write metrics.json",
+    "predict": "write masks and overlays for a split or any folder of images (--data.predict_input)",
+}
+SUITE_COMMANDS: dict[str, tuple[str, str]] = {
+    "cache-teacher": ("lesion_kd.commands.cache_teacher:main", "fill the teacher's embedding cache for a dataset"),
+}
+
+HELP = """usage: lesion-kd COMMAND [options]
+
+Semi-supervised 2D lesion segmentation: a frozen MedSAM teacher distilled into a Mamba student, and the
+baselines it is compared with.
+
+commands:
+{commands}
+
+Every run composes configs: lesion-kd fit --config experiments/data/kvasir-seg.yaml \\
+    --config experiments/method/supervised.yaml --config experiments/profile/smoke.yaml
+'lesion-kd COMMAND --help' lists every option of a command with its help text.
+"""
+
+
+class LesionCLI(LightningCLI):
+    """LightningCLI with the suite's extras: best-by-val-Dice checkpoints, test after fit, W&B, results copy."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/dice",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test the best checkpoint and write metrics.json")
+        parser.add_argument("--wandb", type=bool, default=False,
+                            help="also log to Weights & Biases (offline unless WANDB_API_KEY / WANDB_MODE say otherwise)")
+        parser.add_argument("--results_root", type=str | None, default=None,
+                            help="copy metrics.json and the resolved config to "
+                                 "RESULTS_ROOT/<dataset>/<method>-<network>-<labels>pct-seed<k>/ (never checkpoints)")
+
+    def _sub(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if self._sub().get("wandb"):
+            from lightning.pytorch.loggers import WandbLogger
+
+            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+                os.environ["WANDB_MODE"] = "offline"
+            dm = self.datamodule.hparams
+            name = f"{dm.dataset}-{self.model.method_name}-{self.model.hparams.network}-{dm.labeled_fraction}-seed{self._sub().get('seed_everything')}"
+            trainer.loggers = [*trainer.loggers, WandbLogger(name=name, save_dir=trainer.default_root_dir)]
+        return trainer
+
+    def after_fit(self) -> None:
+        if not self._sub().get("test_after_fit"):
+            return
+        ckpt = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt or None)
+        self._publish()
+
+    def after_test(self) -> None:
+        self._publish()
+
+    def _publish(self) -> None:
+        root = self._sub().get("results_root")
+        if not root or not self.trainer.is_global_zero:
+            return
+        run_dir = Path(self.trainer.log_dir)
+        dm, model = self.datamodule, self.model
+        labels = round(dm.hparams.labeled_fraction * 100)
+        dest = Path(root) / dm.dataset_name / (
+            f"{model.method_name}-{model.hparams.network}-{labels}pct-seed{self._sub().get('seed_everything')}"
+        )
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.json", "config.yaml", "metrics_original_resolution.json"):
+            if (run_dir / name).is_file():
+                tmp = dest / f".{name}.tmp"
+                shutil.copyfile(run_dir / name, tmp)
+                os.replace(tmp, dest / name)
+        print(f"results copied to {dest}")
+
+
+def run_lightning(args: list[str] | None) -> None:
+    LesionCLI(
+        SegmentationModule,
+        LesionDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        parser_kwargs={"default_env": False},
+    )
+
+
+def _call(target: str, args: list[str]):
+    import importlib
+
+    mod, fn = target.split(":")
+    return getattr(importlib.import_module(mod), fn)(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    explicit = argv is not None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        lines = [f"  {k:<15} {v}" for k, v in LIGHTNING_COMMANDS.items()]
+        lines += [f"  {k:<15} {v[1]}" for k, v in SUITE_COMMANDS.items()]
+        print(HELP.format(commands="\n".join(lines)))
+        return 0
+    if argv[0] in SUITE_COMMANDS:
+        return int(_call(SUITE_COMMANDS[argv[0]][0], argv[1:]) or 0)
+    if argv[0] not in LIGHTNING_COMMANDS:
+        print(f"lesion-kd: unknown command {argv[0]!r}; run 'lesion-kd --help' for the list", file=sys.stderr)
+        return 2
+    run_lightning(argv if explicit else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""``LesionDataModule``: labeled/unlabeled streams of weak/strong view pairs, and un-augmented eval sets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, RandomSampler
+
+from .datasets import EvalDataset, ImageFolderDataset, ViewPairDataset
+from .folder import Sample, scan_folder
+from .io import IMAGE_EXTENSIONS, DataError, atomic_write_bytes, read_image
+from .prep import prepare_samples
+from .registry import DATASETS, data_dir, random_split, split_file_name
+from .splits import SPLITS_DIR, load_or_write_splits
+from .transforms import AugmentationConfig, ViewPairTransform
+
+log = logging.getLogger(__name__)
+
+
+class LesionDataModule(L.LightningDataModule):
+    """Labeled + unlabeled training views, validation, test and prediction data for 2D lesion segmentation.
+
+    Training batches are dicts ``{"labeled": batch, "unlabeled": batch}`` (``"unlabeled"`` only when the
+    method uses unlabeled images); each batch holds ``image_weak``, ``image_strong`` (B, 3, S, S),
+    ``mask`` (B, S, S), ``theta`` (B, 2, 3), ``index`` and ``id``. Validation/test batches hold ``image``,
+    ``mask``, ``index``, ``id`` at model size, un-augmented.
+
+    Args:
+        dataset: a registry name (``kvasir-seg``, ``busi``), resolved under ``data_dir``, or a path to a
+            folder with ``images/`` and ``masks/``.
+        root: explicit folder of the dataset; overrides where a registry name is looked up, or names a
+            user folder (then ``dataset`` is only its label).
+        data_dir: folder holding the known datasets (default: ``$LESION_KD_DATA``, else ``./data``).
+        image_size: model input size S (images are squashed to S x S); a multiple of 32.
+        labeled_fraction: fraction of the training split that keeps its labels, in (0, 1].
+        label_seed: seed choosing which training images are labeled.
+        split_seed: seed of the train/val/test split of a user folder (registry datasets have fixed splits).
+        split_fractions: train/val/test fractions for a user folder.
+        include_normal: BUSI only: also use the 133 normal (empty-mask) images.
+        labeled_batch_size: labeled samples per training batch.
+        unlabeled_batch_size: unlabeled samples per training batch (used only by semi-supervised methods).
+        eval_batch_size: batch size of validation, test and prediction.
+        num_workers: data-loader worker processes (also used to prepare images in parallel).
+        max_train_images: use only the first N images of the training split (smoke tests).
+        max_val_images: use only the first N validation images.
+        max_test_images: use only the first N test images.
+        on_bad_sample: ``error`` stops at set-up naming the bad file; ``skip`` drops it with a warning and counts it.
+        cache_dir: where prepared images (and teacher embeddings) are cached (default ``$LESION_KD_CACHE`` or
+            ``~/.cache/lesion_kd``); never inside the dataset folder.
+        predict_input: what ``predict`` segments: ``test``/``val``/``train`` (a split of the dataset) or a path to
+            an image file or a folder of images.
+        augmentation: strength of the weak and strong views.
+        run_dir: where a user folder's split file is written (default: the trainer's log directory).
+    """
+
+    def __init__(
+        self,
+        dataset: str = "kvasir-seg",
+        root: str | None = None,
+        data_dir: str | None = None,
+        image_size: int = 256,
+        labeled_fraction: float = 0.1,
+        label_seed: int = 0,
+        split_seed: int = 0,
+        split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+        include_normal: bool = False,
+        labeled_batch_size: int = 8,
+        unlabeled_batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 2,
+        max_train_images: int | None = None,
+        max_val_images: int | None = None,
+        max_test_images: int | None = None,
+        on_bad_sample: str = "error",
+        cache_dir: str | None = None,
+        predict_input: str = "test",
+        augmentation: AugmentationConfig | None = None,
+        run_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if image_size <= 0 or image_size % 32:
+            raise ValueError(f"data.image_size={image_size}: must be a positive multiple of 32")
+        if not 0.0 < labeled_fraction <= 1.0:
+            raise ValueError(f"data.labeled_fraction={labeled_fraction}: must be in (0, 1]")
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample={on_bad_sample!r}: must be 'error' or 'skip'")
+        for name, v in (("labeled_batch_size", labeled_batch_size), ("eval_batch_size", eval_batch_size)):
+            if v < 1:
+                raise ValueError(f"data.{name}={v}: must be at least 1")
+        if unlabeled_batch_size < 0:
+            raise ValueError(f"data.unlabeled_batch_size={unlabeled_batch_size}: must be >= 0")
+        self.save_hyperparameters(ignore=["augmentation"])
+        self.augmentation = augmentation or AugmentationConfig()
+        self.splits: dict[str, list[Sample]] = {}
+        self.labeled: list[Sample] = []
+        self.unlabeled: list[Sample] = []
+        self.bad_samples: list[str] = []
+        self.dataset_name = dataset
+        self._ready = False
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def resolve(self) -> tuple[str, Path, list[Sample], dict[str, list[str]], str]:
+        """(name, folder, samples, split ids, where the split came from) without touching any pixels."""
+        hp = self.hparams
+        name = hp.dataset
+        if name in DATASETS:
+            spec = DATASETS[name]
+            root = Path(hp.root) if hp.root else data_dir(hp.data_dir) / spec.folder
+            if not root.is_dir():
+                raise DataError(
+                    f"{root}: dataset {name!r} not found; set data.data_dir or ${'LESION_KD_DATA'} to the folder "
+                    f"that holds {spec.folder}/, or data.root to the dataset folder itself"
+                )
+            samples = spec.samples(root, hp.include_normal)
+            split_path = SPLITS_DIR / split_file_name(name, hp.include_normal)
+            splits = load_or_write_splits(
+                split_path, lambda: spec.splits(root, samples, hp.include_normal), {s.id for s in samples}, str(root)
+            )
+            return name, root, samples, splits, str(split_path)
+        root = Path(hp.root or name).expanduser()
+        if not root.is_dir():
+            known = ", ".join(sorted(DATASETS))
+            raise DataError(f"data.dataset={name!r}: neither a known dataset ({known}) nor an existing folder")
+        samples = scan_folder(root)
+        splits = random_split(samples, tuple(hp.split_fractions), hp.split_seed)
+        return root.name, root, samples, splits, f"seeded split of {root} (seed {hp.split_seed})"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        hp = self.hparams
+        name, root, samples, split_ids, source = self.resolve()
+        self.dataset_name, self.root = name, root
+        by_id = {s.id: s for s in samples}
+        limits = {"train": hp.max_train_images, "val": hp.max_val_images, "test": hp.max_test_images}
+        self.bad_samples = []
+        for split, ids in split_ids.items():
+            chosen = [by_id[i] for i in ids][: limits[split]] if limits[split] else [by_id[i] for i in ids]
+            if not chosen:
+                raise DataError(f"{root}: the {split} split is empty ({source})")
+            good, bad = prepare_samples(chosen, hp.image_size, hp.cache_dir, hp.on_bad_sample, hp.num_workers,
+                                        desc=f"{name} {split}: preparing images")
+            self.bad_samples += bad
+            self.splits[split] = good
+        train = self.splits["train"]
+        n_lab = max(1, round(hp.labeled_fraction * len(train)))
+        rng = random.Random(hp.label_seed)
+        lab_ids = set(rng.sample([s.id for s in train], n_lab))
+        self.labeled = [s for s in train if s.id in lab_ids]
+        self.unlabeled = [s for s in train if s.id not in lab_ids]
+        if hp.labeled_batch_size > len(self.labeled):
+            raise ValueError(
+                f"data.labeled_batch_size={hp.labeled_batch_size} is larger than the labeled set "
+                f"({len(self.labeled)} images = {hp.labeled_fraction} x {len(train)})"
+            )
+        self._write_split_record(name, source)
+        self._ready = True
+        log.info("%s: %d labeled, %d unlabeled, %d val, %d test", name, len(self.labeled), len(self.unlabeled),
+                 len(self.splits["val"]), len(self.splits["test"]))
+
+    def _write_split_record(self, name: str, source: str) -> None:
+        """Write the exact ids this run uses beside the run (never into the dataset folder)."""
+        run_dir = self.hparams.run_dir
+        if run_dir is None and self.trainer is not None and self.trainer.log_dir is not None:
+            run_dir = self.trainer.log_dir
+        if run_dir is None or (self.trainer is not None and not self.trainer.is_global_zero):
+            return
+        doc = {
+            "dataset": name, "root": str(self.root), "source": source,
+            "labeled_fraction": self.hparams.labeled_fraction, "label_seed": self.hparams.label_seed,
+            "labeled": [s.id for s in self.labeled], "unlabeled": [s.id for s in self.unlabeled],
+            "val": [s.id for s in self.splits["val"]], "test": [s.id for s in self.splits["test"]],
+            "bad_samples": self.bad_samples,
+        }
+        atomic_write_bytes(Path(run_dir) / "split.json", (json.dumps(doc, indent=1) + "\n").encode())
+
+    # ------------------------------------------------------------------------------------ loaders
+    def _uses_unlabeled(self) -> bool:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, "uses_unlabeled", False)) and self.hparams.unlabeled_batch_size > 0
+
+    def _loader(self, ds, batch_size: int, train: bool) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            ds, batch_size=batch_size, sampler=RandomSampler(ds) if train else None, shuffle=False,
+            drop_last=train, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+            pin_memory=False,
+        )
+
+    def train_dataloader(self):
+        hp = self.hparams
+        tf = ViewPairTransform(self.augmentation)
+        labeled = ViewPairDataset(self.labeled, hp.image_size, tf, hp.cache_dir, labeled=True)
+        loaders = {"labeled": self._loader(labeled, hp.labeled_batch_size, True)}
+        if self._uses_unlabeled():
+            if len(self.unlabeled) < hp.unlabeled_batch_size:
+                raise ValueError(
+                    f"data.unlabeled_batch_size={hp.unlabeled_batch_size} is larger than the unlabeled set "
+                    f"({len(self.unlabeled)} images)"
+                )
+            unlabeled = ViewPairDataset(self.unlabeled, hp.image_size, ViewPairTransform(self.augmentation),
+                                        hp.cache_dir, labeled=False)
+            loaders["unlabeled"] = self._loader(unlabeled, hp.unlabeled_batch_size, True)
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        return self._loader(EvalDataset(self.splits["val"], self.hparams.image_size, self.hparams.cache_dir),
+                            self.hparams.eval_batch_size, False)
+
+    def test_dataloader(self):
+        return self._loader(EvalDataset(self.splits["test"], self.hparams.image_size, self.hparams.cache_dir),
+                            self.hparams.eval_batch_size, False)
+
+    def predict_paths(self) -> list[Path]:
+        src = self.hparams.predict_input
+        if src in ("train", "val", "test"):
+            return [s.image for s in self.splits[src]]
+        p = Path(src).expanduser()
+        if p.is_file():
+            return [p]
+        if not p.is_dir():
+            raise DataError(f"data.predict_input={src!r}: not a split name (train/val/test), file or folder")
+        paths = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+        if not paths:
+            raise DataError(f"{p}: empty folder (no image files)")
+        return paths
+
+    def predict_dataloader(self):
+        paths = self.predict_paths()
+        good = []
+        for q in paths:
+            try:
+                read_image(q)
+                good.append(q)
+            except DataError as e:
+                if self.hparams.on_bad_sample == "error":
+                    raise
+                log.warning("skipping %s", e)
+                self.bad_samples.append(str(e))
+        return self._loader(ImageFolderDataset(good, self.hparams.image_size), self.hparams.eval_batch_size, False)
+
+    def sample_by_index(self, split: str, index: int) -> Sample:
+        return self.splits[split][index]
+
+

@@ -1,0 +1,208 @@
+"""``SegmentationModule``: the LightningModule base of every method.
+
+It owns the network (built by name from the registry), the optimiser and schedule, the supervised loss,
+and evaluation: per-image Dice/IoU/HD95/ASD on validation and test (gathered across DDP processes, not
+averaged per process), the ``val/dice`` that picks the best checkpoint, ``metrics.json`` after a test, and
+prediction masks/overlays. A method subclass only adds its own training objective in ``training_step``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+
+from ..data.io import atomic_write_bytes, read_mask, write_png
+from ..metrics import METRICS, image_metrics, summarize
+from ..models import build_model
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 0), alpha: float = 0.45) -> np.ndarray:
+    """(H, W, 3) uint8 image with a translucent ``mask`` (H, W) and its outline drawn on it."""
+    import cv2
+
+    out = image.astype(np.float32).copy()
+    m = mask > 0
+    out[m] = (1 - alpha) * out[m] + alpha * np.array(color, np.float32)
+    out = out.clip(0, 255).astype(np.uint8)
+    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, color, max(1, round(min(mask.shape) / 200)))
+    return out
+
+
+class SegmentationModule(L.LightningModule):
+    """Base of all methods: network, optimiser, supervised loss, evaluation and prediction.
+
+    Args:
+        network: registered network name (``unet``, ``mamba_unet``).
+        network_kwargs: extra keyword arguments of the network constructor.
+        in_channels: image channels given to the network.
+        num_classes: output classes (2: background, lesion).
+        optimizer: ``sgd`` (momentum, as SSL4MIS) or ``adamw``.
+        lr: initial learning rate.
+        weight_decay: weight decay.
+        momentum: SGD momentum.
+        schedule: ``poly`` (lr * (1 - t/T)^power), ``cosine`` or ``constant``, over the run's total steps.
+        poly_power: exponent of the poly schedule.
+        warmup_steps: linear warm-up steps before the schedule.
+        eval_original_resolution: also compute test metrics at each image's original resolution (slower).
+        predict_output: folder where ``predict`` writes ``<id>_mask.png`` and ``<id>_overlay.png``
+            (default: ``predictions/`` in the run directory).
+    """
+
+    method_name = "base"
+    uses_unlabeled = False
+
+    def __init__(
+        self,
+        network: str = "unet",
+        network_kwargs: dict[str, Any] | None = None,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.01,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        schedule: Literal["poly", "cosine", "constant"] = "poly",
+        poly_power: float = 0.9,
+        warmup_steps: int = 0,
+        eval_original_resolution: bool = False,
+        predict_output: str | None = None,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr={lr}: must be positive")
+        self.save_hyperparameters()
+        self.net = build_model(network, in_channels=in_channels, num_classes=num_classes, **(network_kwargs or {}))
+        # 0.5 * (CE + soft Dice), SSL4MIS' supervised loss.
+        self.sup_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
+        self._eval: dict[str, dict[str, float]] = {}
+        self._eval_orig: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------------------------ model
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def supervised_loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """0.5 * (CE + Dice); logits (B, C, H, W), mask (B, H, W) long."""
+        return self.sup_loss(logits, mask[:, None])
+
+    # -------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = hp.warmup_steps
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            if hp.schedule == "poly":
+                return (1 - t) ** hp.poly_power
+            if hp.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * t))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        for k, v in losses.items():
+            self.log(f"train/{k}", v.detach(), batch_size=batch_size, prog_bar=k == "loss")
+
+    # ----------------------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: dict, split: str) -> None:
+        probs = torch.softmax(self(batch["image"]).float(), dim=1)
+        pred = probs.argmax(1).cpu().numpy()
+        target = batch["mask"].cpu().numpy()
+        for i, sid in enumerate(batch["id"]):
+            self._eval[sid] = image_metrics(pred[i], target[i])
+        if split == "test" and self.hparams.eval_original_resolution:
+            dm = self.trainer.datamodule
+            for i, idx in enumerate(batch["index"].tolist()):
+                sample = dm.sample_by_index("test", idx)
+                orig = read_mask(sample.mask)
+                up = F.interpolate(probs[i : i + 1], size=orig.shape, mode="bilinear", align_corners=False)
+                self._eval_orig[sample.id] = image_metrics(up.argmax(1)[0].cpu().numpy(), orig)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _gather(self, results: dict) -> dict:
+        """Per-image results of every process, merged by image id (DDP padding duplicates collapse)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, results)
+            merged: dict = {}
+            for p in parts:
+                merged.update(p)
+            return merged
+        return dict(results)
+
+    def _finish_eval(self, split: str) -> dict | None:
+        per_image, self._eval = self._gather(self._eval), {}
+        if not per_image:
+            return None
+        summary = summarize(per_image)
+        for m in METRICS:
+            self.log(f"{split}/{m}", summary[m]["mean"], sync_dist=False, rank_zero_only=False)
+        return summary
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        summary = self._finish_eval("test")
+        orig, self._eval_orig = self._gather(self._eval_orig), {}
+        if summary is None or not self.trainer.is_global_zero:
+            return
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        write_json(run_dir / "metrics.json", summary)
+        if orig:
+            write_json(run_dir / "metrics_original_resolution.json", summarize(orig, resolution="original"))
+        print(
+            f"test ({summary['n_images']} images): Dice {summary['dice']['mean']:.4f} +- {summary['dice']['std']:.4f}  "
+            f"IoU {summary['iou']['mean']:.4f}  HD95 {summary['hd95']['mean']:.2f} px  ASD {summary['asd']['mean']:.2f} px"
+        )
+        print(f"metrics written to {run_dir / 'metrics.json'}")
+
+    # ----------------------------------------------------------------------------- prediction
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        from ..data.io import read_image
+
+        out_dir = Path(self.hparams.predict_output or Path(self.trainer.log_dir or ".") / "predictions")
+        probs = torch.softmax(self(batch["image"]).float(), dim=1)
+        written = []
+        for i, path in enumerate(batch["path"]):
+            h, w = batch["orig_hw"][i].tolist()
+            up = F.interpolate(probs[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)
+            mask = (up.argmax(1)[0].cpu().numpy() > 0).astype(np.uint8)
+            sid = batch["id"][i]
+            write_png(out_dir / f"{sid}_mask.png", mask * 255)
+            write_png(out_dir / f"{sid}_overlay.png", overlay(read_image(path), mask))
+            written.append(str(out_dir / f"{sid}_mask.png"))
+        return written
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())

@@ -1,0 +1,435 @@
+"""Selective scan (Mamba's S6 recurrence) with mamba-ssm's semantics, on CPU and GPU.
+
+For every batch element, channel ``d`` and state ``n``::
+
+    delta = softplus(delta + delta_bias)            (each part only when asked)
+    x_t   = exp(delta_t * A) * x_{t-1} + delta_t * B_t * u_t,     x_{-1} = 0
+    y_t   = C_t . x_t + D * u_t
+    out   = y * silu(z)                             (when z is given)
+
+Shapes (as ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``): u, delta, z (B, D, L);
+A (D, N); B, C (B, N, L), or (B, G, N, L) with G groups of D // G channels sharing one B/C;
+D, delta_bias (D,); returns (B, D, L).
+
+Three implementations sit behind :func:`selective_scan`:
+
+* ``"cuda"``: mamba-ssm's fused kernel (optional extra ``pip install 'lesion-kd[cuda]'``).
+* the eager pure-PyTorch path: :class:`SelectiveScanFn`, an autograd Function that runs the
+  recurrence over a time-major contiguous (L, B, D, N) buffer (one in-place ``addcmul`` per step,
+  no autograd bookkeeping per step) and whose hand-written backward is the reverse recurrence in the
+  same layout. On CPU the per-step overhead and the memory layout dominate, not the arithmetic.
+* ``"chunked"``: :func:`selective_scan_chunked`, a loop-free formulation (log-space cumulative sums
+  within chunks of 8 steps, applied recursively across chunks) made of a fixed, small number of
+  standard ops. It is what tracing and export (``torch.jit.trace``, ``torch.export``,
+  ``torch.onnx.export``) see: the eager loop would unroll into L nodes per call.
+
+:func:`selective_scan_ref` is the plain sequential loop (autograd through ``unbind`` time slices) that
+the tests and the benchmark compare against.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "cuda_scan_available",
+    "mamba_ssm_import_error",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_ref",
+    "SelectiveScanFn",
+]
+
+_BACKENDS = ("auto", "torch", "cuda", "chunked")
+_INSTALL_HINT = (
+    "The CUDA selective scan needs the optional extra: pip install 'lesion-kd[cuda]' "
+    "(mamba-ssm and causal-conv1d, built against your torch; it needs a CUDA GPU and toolkit). "
+    "Use backend='auto' or 'torch' for the pure-PyTorch scan."
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional mamba-ssm kernel: imported lazily (importing mamba_ssm pulls in triton and is slow), once,
+# and the failure is kept so that a request for the CUDA path can say why it is missing.
+# --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _load_mamba_kernel() -> tuple[Callable | None, str | None]:
+    """Return ``(selective_scan_fn, None)`` or ``(None, reason)``; the import is attempted once."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError, RuntimeError) as err:
+        # mamba-ssm built without a GPU raises ImportError (selective_scan_cuda); a CUDA/torch ABI
+        # mismatch raises OSError or RuntimeError. Keep the message; it is shown on request.
+        return None, f"{type(err).__name__}: {err}"
+    return selective_scan_fn, None
+
+
+def mamba_ssm_import_error() -> str | None:
+    """Why mamba-ssm's kernel cannot be imported, or None when it can."""
+    return _load_mamba_kernel()[1]
+
+
+def cuda_scan_available() -> bool:
+    """True when mamba-ssm's kernel imports and a CUDA device is present."""
+    return torch.cuda.is_available() and _load_mamba_kernel()[0] is not None
+
+
+def _is_tracing() -> bool:
+    """True while the graph is being captured (jit trace, dynamo / torch.export, ONNX export)."""
+    return bool(
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Like mamba-ssm's kernel, accumulate half-precision inputs in float32.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> int:
+    """Validate shapes; return the number of B/C groups G."""
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (B, D, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
+    b, d, l = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (D, N) with D={d}; got {tuple(A.shape)}")
+    n = A.shape[1]
+    if B.dim() == 3:
+        g = 1
+        ok = B.shape == (b, n, l) and C.shape == (b, n, l)
+    elif B.dim() == 4:
+        g = B.shape[1]
+        ok = B.shape == (b, g, n, l) and C.shape == B.shape and d % g == 0
+    else:
+        ok, g = False, 1
+    if not ok:
+        raise ValueError(
+            f"B and C must be (B, N, L) = {(b, n, l)} or (B, G, N, L) with D divisible by G; "
+            f"got {tuple(B.shape)} and {tuple(C.shape)}"
+        )
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (d,):
+            raise ValueError(f"{name} must be (D,) = ({d},); got {tuple(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must be (B, D, L) like u; got {tuple(z.shape)}")
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequential reference
+# --------------------------------------------------------------------------------------------------
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The straightforward sequential loop over ``unbind`` time slices, differentiated by autograd.
+
+    Slow (L autograd steps); the ground truth for tests and the baseline of benchmarks/bench_scan.py.
+    Shapes as :func:`selective_scan`; returns (B, D, L).
+    """
+    g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    b, d, l = u.shape
+    n = A.shape[1]
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    Bg = B.reshape(b, g, 1, n, l)
+    Cg = C.reshape(b, g, 1, n, l)
+    dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, l, n)
+    dBu = ((delta * u).reshape(b, g, d // g, l, 1) * Bg.transpose(-1, -2)).reshape(b, d, l, n)
+    Ct = Cg.transpose(-1, -2).expand(b, g, d // g, l, n).reshape(b, d, l, n)
+    x = u.new_zeros(b, d, n)
+    ys = []
+    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), Ct.unbind(2)):
+        x = dA_t * x + dBu_t
+        ys.append((x * C_t).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Eager pure-PyTorch path: recurrence in a time-major buffer, hand-written backward
+# --------------------------------------------------------------------------------------------------
+def _time_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, ..., L) -> contiguous (L, B, ...)."""
+    return t.to(dtype).movedim(-1, 0).contiguous()
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Selective scan with a hand-written backward (both passes are one in-place loop over time).
+
+    Forward keeps two (L, B, D, N) buffers for backward: the states x_t and the decays exp(delta_t A).
+    Backward runs the reverse recurrence  g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}  in the same
+    layout, and then gets every input gradient from g, the states and a few batched matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
+        g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+        bsz, d, l = u.shape
+        n = A.shape[1]
+        cd = _compute_dtype(u.dtype)
+        dg = d // g
+
+        dt = _time_major(delta, cd)  # (l, b, d)
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(cd)
+        dt_raw = dt
+        if delta_softplus:
+            dt = F.softplus(dt)
+        ut = _time_major(u, cd)
+        Bt = _time_major(B.reshape(bsz, g, n, l), cd)  # (l, b, g, n)
+        Ct = _time_major(C.reshape(bsz, g, n, l), cd)
+        Af = A.to(cd)
+
+        # Decays exp(delta_t A): (l, b, d, n), written in place to avoid a second full-size temporary.
+        dA = torch.mul(dt.unsqueeze(-1), Af)
+        dA.exp_()
+        # Inputs delta_t B_t u_t, later overwritten in place by the states.
+        dtu = dt * ut
+        hs = torch.mul(dtu.view(l, bsz, g, dg, 1), Bt.view(l, bsz, g, 1, n)).view(l, bsz, d, n)
+        h_steps, a_steps = hs.unbind(0), dA.unbind(0)
+        for t in range(1, l):
+            h_steps[t].addcmul_(a_steps[t], h_steps[t - 1])
+
+        # y_t = C_t . x_t per (t, b, group): one batched matmul over all steps.
+        y = torch.bmm(hs.view(l * bsz * g, dg, n), Ct.view(l * bsz * g, n, 1)).view(l, bsz, d)
+        if D is not None:
+            y = y + D.to(cd) * ut
+        out = y
+        zt = None
+        if z is not None:
+            zt = _time_major(z, cd)
+            out = y * F.silu(zt)
+
+        ctx.delta_softplus = delta_softplus
+        ctx.groups = g
+        ctx.has = (D is not None, z is not None, delta_bias is not None)
+        ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype, getattr(z, "dtype", None))
+        ctx.save_for_backward(ut, dt, dt_raw if delta_softplus else None, Af, Bt, Ct, D, zt, y, hs, dA, dtu)
+        return out.permute(1, 2, 0).contiguous().to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ut, dt, dt_raw, Af, Bt, Ct, D, zt, y, hs, dA, dtu = ctx.saved_tensors
+        has_D, has_z, has_bias = ctx.has
+        g = ctx.groups
+        l, bsz, d, n = hs.shape
+        dg = d // g
+        lbg = l * bsz * g
+        cd = hs.dtype
+        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, z_dtype = ctx.dtypes
+
+        go = _time_major(grad_out, cd)  # (l, b, d)
+        dz = None
+        if has_z:
+            sz = torch.sigmoid(zt)
+            dz = go * y * sz * (1 + zt * (1 - sz))
+            dy = go * (zt * sz)
+        else:
+            dy = go
+        du = dy * D.to(cd) if has_D else torch.zeros_like(ut)
+        dD = (dy * ut).sum((0, 1)) if has_D else None
+
+        # dC_t = sum_d x_t dy_t (before the states buffer is reused).
+        dC = torch.bmm(dy.view(lbg, 1, dg), hs.view(lbg, dg, n)).view(l, bsz, g, n)
+
+        # Gradient w.r.t. the states: reverse recurrence, in place on the (l, b, d, n) buffer.
+        gh = torch.mul(dy.view(l, bsz, g, dg, 1), Ct.view(l, bsz, g, 1, n)).view(l, bsz, d, n)
+        g_steps, a_steps = gh.unbind(0), dA.unbind(0)
+        for t in range(l - 2, -1, -1):
+            g_steps[t].addcmul_(a_steps[t + 1], g_steps[t + 1])
+
+        # x_t = exp(dt A) x_{t-1} + (dt u)_t B_t: gh is also the gradient w.r.t. the input term.
+        d_dtu = torch.bmm(gh.view(lbg, dg, n), Bt.view(lbg, n, 1)).view(l, bsz, d)
+        dB = torch.bmm(dtu.view(lbg, 1, dg), gh.view(lbg, dg, n)).view(l, bsz, g, n)
+
+        # Gradient w.r.t. the log-decay dt*A: gh_t * x_{t-1} * exp(dt_t A), zero at t=0; in place on dA.
+        dA[0].zero_()
+        dA[1:].mul_(hs[:-1]).mul_(gh[1:])
+        glog = dA.view(l * bsz, d, n).transpose(0, 1)  # (d, l*b, n), a strided view, no copy
+        # sum_n glog * A and sum_{t,b} glog * dt as batched matmuls over d (no full-size temporaries).
+        ddt = torch.bmm(glog, Af.unsqueeze(-1)).view(d, l, bsz).permute(1, 2, 0)
+        dA_param = torch.bmm(dt.view(l * bsz, d).t().unsqueeze(1), glog).squeeze(1)  # (d, n)
+
+        ddt = ddt + d_dtu * ut
+        du = du + d_dtu * dt
+        if dt_raw is not None:
+            ddt = ddt * torch.sigmoid(dt_raw)
+        d_bias = ddt.sum((0, 1)) if has_bias else None  # cast below, to delta_bias's dtype
+
+        def back(t_lbx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (l, b, ...) -> (b, ..., l)
+            return t_lbx.movedim(0, -1).contiguous().to(dtype)
+
+        dB_out = back(dB, B_dtype)
+        dC_out = back(dC, C_dtype)
+        if g == 1:
+            dB_out, dC_out = dB_out.squeeze(1), dC_out.squeeze(1)
+        return (
+            back(du, u_dtype),
+            back(ddt, delta_dtype),
+            dA_param.to(A_dtype),
+            dB_out,
+            dC_out,
+            dD.to(D.dtype) if has_D else None,
+            back(dz, z_dtype) if has_z else None,
+            d_bias if has_bias else None,
+            None,
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Export-friendly path: chunked log-space formulation, no data-dependent or length-long loops
+# --------------------------------------------------------------------------------------------------
+_CHUNK = 8
+
+
+def _max_exponent(dtype: torch.dtype) -> float:
+    # Largest |exponent| the chunked formulation may meet: well inside exp's range (88 for float32,
+    # 709 for float64), leaving room for |inputs| up to ~1e10 and a sum over a chunk.
+    return 600.0 if dtype == torch.float64 else 64.0
+
+
+def _chunked_linear_scan(log_a: torch.Tensor, x: torch.Tensor, chunk: int, min_log: float) -> torch.Tensor:
+    """All states of h_t = exp(log_a_t) h_{t-1} + x_t, h_{-1} = 0, along dim -2; (..., L, N) -> same.
+
+    Within a chunk of T steps, with S the inclusive cumulative sum of log_a and M = S at the chunk's
+    middle step, h_t = exp(S_t - M) * cumsum_s(exp(M - S_s) x_s) + exp(S_t) h_start: a few vectorised
+    ops. Referencing the middle step bounds every exponent by min_log * T / 2. Log-decays below
+    ``min_log`` are raised to it: such a step keeps a fraction exp(min_log) of the previous state
+    (1e-7 for float32), which is below the working precision, so this changes nothing measurable.
+    The chunk-end states obey the same recurrence one level up (decay S_T, input h_T with zero start),
+    so it recurses, log_T(L) levels deep, until one chunk is left.
+    """
+    L = x.shape[-2]
+    T = min(chunk, L)
+    pad = (-L) % T
+    if pad:  # padding at the end never influences earlier states
+        log_a = F.pad(log_a, (0, 0, 0, pad))
+        x = F.pad(x, (0, 0, 0, pad))
+    nc = (L + pad) // T
+    la = log_a.clamp(min=min_log).unflatten(-2, (nc, T))  # (..., nc, T, N)
+    xx = x.unflatten(-2, (nc, T))
+    S = la.cumsum(-2)
+    mid = (T - 1) // 2
+    M = S[..., mid : mid + 1, :]
+    local = torch.exp(S - M) * torch.cumsum(torch.exp(M - S) * xx, dim=-2)
+    if nc > 1:
+        ends = _chunked_linear_scan(S[..., -1, :], local[..., -1, :], chunk, min_log)  # (..., nc, N)
+        start = F.pad(ends[..., :-1, :], (0, 0, 1, 0))  # state entering each chunk; zero for the first
+        local = local + torch.exp(S) * start.unsqueeze(-2)
+    h = local.flatten(-3, -2)
+    return h[..., :L, :] if pad else h
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk: int = _CHUNK,
+) -> torch.Tensor:
+    """Loop-free selective scan (cumsum, exp, mul, pad, reshape only): traces and exports to ONNX.
+
+    The graph has a fixed number of nodes per log_chunk(L) level (3 levels for L=256), independent
+    of L otherwise. Gradients come from autograd. Shapes as :func:`selective_scan`; returns (B, D, L).
+    """
+    g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    b, d, l = u.shape
+    n = A.shape[1]
+    out_dtype = u.dtype
+    cd = _compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cd)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    log_a = delta.unsqueeze(-1) * A[:, None, :]  # (b, d, l, n)
+    Bt = B.reshape(b, g, 1, n, l).transpose(-1, -2)  # (b, g, 1, l, n)
+    x = ((delta * u).reshape(b, g, d // g, l, 1) * Bt).reshape(b, d, l, n)
+    min_log = -_max_exponent(cd) / max(1, (chunk - 1) - (chunk - 1) // 2)
+    h = _chunked_linear_scan(log_a, x, chunk, min_log)  # (b, d, l, n)
+    Ct = C.reshape(b, g, 1, n, l).transpose(-1, -2)
+    y = (h.reshape(b, g, d // g, l, n) * Ct).sum(-1).reshape(b, d, l)
+    if D is not None:
+        y = y + D.to(cd)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(cd))
+    return y.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+_warned_fallback = False
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Selective scan with mamba-ssm's ``selective_scan_fn`` semantics; returns y (B, D, L).
+
+    Args:
+        u, delta: (B, D, L) input and step sizes; z: optional (B, D, L) gate, output * silu(z).
+        A: (D, N) state matrix (negative for a stable recurrence).
+        B, C: (B, N, L), or (B, G, N, L) with G groups of D // G channels each.
+        D: optional (D,) skip; delta_bias: optional (D,) added to delta; delta_softplus: softplus(delta).
+        backend: ``"auto"``: mamba-ssm's CUDA kernel for CUDA tensors when it is installed, otherwise
+            the pure-PyTorch scan; ``"torch"``: the pure-PyTorch scan (the eager recurrence, or the
+            chunked formulation while tracing or exporting); ``"cuda"``: the kernel, an error saying
+            why and how to install it when it is unavailable; ``"chunked"``: the loop-free formulation.
+    """
+    global _warned_fallback
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {_BACKENDS}")
+    if backend == "cuda" or (backend == "auto" and u.is_cuda and not _is_tracing()):
+        kernel, reason = _load_mamba_kernel()
+        if kernel is not None and u.is_cuda:
+            return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        if backend == "cuda":
+            why = reason if kernel is None else f"the tensors are on {u.device}, not on a CUDA device"
+            raise RuntimeError(f"CUDA selective scan unavailable: {why}. {_INSTALL_HINT}")
+        if not _warned_fallback:  # auto on a GPU without the kernel: correct, but slower; say so once
+            warnings.warn(
+                f"mamba-ssm's CUDA kernel is unavailable ({reason}); using the pure-PyTorch scan. "
+                f"{_INSTALL_HINT}",
+                stacklevel=2,
+            )
+            _warned_fallback = True
+    if backend == "chunked" or _is_tracing():
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
