@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -245,7 +246,10 @@ class SAMTeacher(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the teacher runs: that of its first parameter (or buffer)."""
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}, input_size={self.input_size}, letterbox={self.letterbox}"
@@ -273,16 +277,21 @@ class SAMTeacher(nn.Module):
         return x, (h, w)
 
     def _crop_valid(self, emb: torch.Tensor, valid: tuple[int, int]) -> torch.Tensor:
-        """(B, C, 64, 64) of the padded input -> (B, C, 64, 64) covering only the valid (h, w) region."""
-        fh, fw = valid[0] / self.input_size, valid[1] / self.input_size
-        if fh == 1.0 and fw == 1.0:
+        """(B, C, n, n) of the padded input -> (B, C, n, n) covering only the valid (h, w) region."""
+        n = emb.shape[-1]
+        ch, cw = valid[0] / self.input_size * n, valid[1] / self.input_size * n  # valid extent in cells
+        if ch == n and cw == n:
             return emb
-        # Output x in [-1, 1] -> input x in [-1, 2 fw - 1], the valid fraction fw of the grid (fractional
-        # cell counts are fine). Border padding, not zeros: the outermost output cell centres fall just
-        # outside the first input cell centre and must not be blended with zero.
-        theta = emb.new_tensor([[fw, 0.0, fw - 1.0], [0.0, fh, fh - 1.0]]).expand(emb.shape[0], 2, 3)
-        grid = F.affine_grid(theta, list(emb.shape), align_corners=False)
-        return F.grid_sample(emb, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # Keep the cells that touch the valid region, then stretch the (fractional) valid extent over the
+        # output: output x in [-1, 1] -> x in [-1, 2 cw / m - 1] of the m kept columns. Border padding:
+        # the outermost output cell centres fall just outside the outermost kept cell centres and must be
+        # clamped to them, not blended with zero or with the padding's cells.
+        kh, kw = math.ceil(ch), math.ceil(cw)
+        kept = emb[..., :kh, :kw]
+        sx, sy = cw / kw, ch / kh
+        theta = emb.new_tensor([[sx, 0.0, sx - 1.0], [0.0, sy, sy - 1.0]]).expand(emb.shape[0], 2, 3)
+        grid = F.affine_grid(theta, [emb.shape[0], emb.shape[1], n, n], align_corners=False)
+        return F.grid_sample(kept, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
