@@ -175,45 +175,85 @@ def _time_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).movedim(-1, 0).contiguous()
 
 
-class SelectiveScanFn(torch.autograd.Function):
-    """Selective scan with a hand-written backward (both passes are one in-place loop over time).
+# Elements (L_block * B * D * N) of one block buffer: ~2 MB of float32, so that the three buffers a
+# block needs stay in cache. Fresh full-size (L, B, D, N) tensors would cost more in page faults and
+# memory traffic than the arithmetic on them.
+_BLOCK_ELEMS = 1 << 19
+_MIN_BLOCK_STEPS = 16
 
-    Forward keeps two (L, B, D, N) buffers for backward: the states x_t and the decays exp(delta_t A).
-    Backward runs the reverse recurrence  g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}  in the same
-    layout, and then gets every input gradient from g, the states and a few batched matmuls.
+
+def _block_steps(l: int, per_step: int) -> int:
+    return max(1, min(l, max(_MIN_BLOCK_STEPS, _BLOCK_ELEMS // max(per_step, 1))))
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Selective scan with a hand-written backward; both passes loop over time in place.
+
+    Layout: time-major contiguous (L, B, D, N) blocks of a few dozen steps, each step one in-place
+    ``addcmul_`` on a contiguous (B, D, N) slice, so that no autograd node and no strided copy is made
+    per step. Forward keeps only the state entering each block (as mamba-ssm's kernel, it recomputes
+    the states in backward instead of storing all L of them). Backward walks the blocks in reverse:
+    recompute the block's states, run the reverse recurrence g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1},
+    then every input gradient follows from g, the states and a few batched products.
     """
+
+    @staticmethod
+    def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, g):
+        """Time-major (L, B, ...) copies of the small inputs, in the compute dtype."""
+        bsz, d, l = u.shape
+        n = A.shape[1]
+        cd = _compute_dtype(u.dtype)
+        dt_raw = _time_major(delta, cd)  # (l, b, d)
+        if delta_bias is not None:
+            dt_raw = dt_raw + delta_bias.to(cd)
+        dt = F.softplus(dt_raw) if delta_softplus else dt_raw
+        ut = _time_major(u, cd)
+        Bt = _time_major(B.reshape(bsz, g, n, l), cd)  # (l, b, g, n)
+        Ct = _time_major(C.reshape(bsz, g, n, l), cd)
+        return dt_raw, dt, ut, Bt, Ct, A.to(cd)
+
+    @staticmethod
+    def _block_states(a, h, dt, dtu, Af, Bt, h_in, g):
+        """Fill a (m, b, d, n) with exp(dt A) and h with the states of one block, entering state h_in."""
+        m, bsz, d, n = h.shape
+        torch.mul(dt.unsqueeze(-1), Af, out=a)
+        a.exp_()
+        torch.mul(dtu.view(m, bsz, g, d // g, 1), Bt.view(m, bsz, g, 1, n), out=h.view(m, bsz, g, d // g, n))
+        h_steps, a_steps = h.unbind(0), a.unbind(0)
+        h_steps[0].addcmul_(a_steps[0], h_in)
+        for t in range(1, m):
+            h_steps[t].addcmul_(a_steps[t], h_steps[t - 1])
+        return h_steps, a_steps
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
         g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
         bsz, d, l = u.shape
         n = A.shape[1]
-        cd = _compute_dtype(u.dtype)
         dg = d // g
-
-        dt = _time_major(delta, cd)  # (l, b, d)
-        if delta_bias is not None:
-            dt = dt + delta_bias.to(cd)
-        dt_raw = dt
-        if delta_softplus:
-            dt = F.softplus(dt)
-        ut = _time_major(u, cd)
-        Bt = _time_major(B.reshape(bsz, g, n, l), cd)  # (l, b, g, n)
-        Ct = _time_major(C.reshape(bsz, g, n, l), cd)
-        Af = A.to(cd)
-
-        # Decays exp(delta_t A): (l, b, d, n), written in place to avoid a second full-size temporary.
-        dA = torch.mul(dt.unsqueeze(-1), Af)
-        dA.exp_()
-        # Inputs delta_t B_t u_t, later overwritten in place by the states.
+        dt_raw, dt, ut, Bt, Ct, Af = SelectiveScanFn._prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, g)
+        cd = dt.dtype
         dtu = dt * ut
-        hs = torch.mul(dtu.view(l, bsz, g, dg, 1), Bt.view(l, bsz, g, 1, n)).view(l, bsz, d, n)
-        h_steps, a_steps = hs.unbind(0), dA.unbind(0)
-        for t in range(1, l):
-            h_steps[t].addcmul_(a_steps[t], h_steps[t - 1])
 
-        # y_t = C_t . x_t per (t, b, group): one batched matmul over all steps.
-        y = torch.bmm(hs.view(l * bsz * g, dg, n), Ct.view(l * bsz * g, n, 1)).view(l, bsz, d)
+        lb = _block_steps(l, bsz * d * n)
+        starts = list(range(0, l, lb))
+        a_buf = dt.new_empty(lb, bsz, d, n)
+        h_buf = dt.new_empty(lb, bsz, d, n)
+        entering = dt.new_zeros(len(starts), bsz, d, n)  # state entering each block (checkpoints)
+        y = dt.new_empty(l, bsz, d)
+        for k, t0 in enumerate(starts):
+            t1 = min(t0 + lb, l)
+            m = t1 - t0
+            h_steps, _ = SelectiveScanFn._block_states(
+                a_buf[:m], h_buf[:m], dt[t0:t1], dtu[t0:t1], Af, Bt[t0:t1], entering[k], g
+            )
+            if k + 1 < len(starts):
+                entering[k + 1].copy_(h_steps[-1])
+            # y_t = C_t . x_t for every (t, b, group) of the block: one batched matrix product.
+            torch.bmm(
+                h_buf[:m].view(m * bsz * g, dg, n), Ct[t0:t1].reshape(m * bsz * g, n, 1),
+                out=y[t0:t1].view(m * bsz * g, dg, 1),
+            )
         if D is not None:
             y = y + D.to(cd) * ut
         out = y
@@ -224,59 +264,83 @@ class SelectiveScanFn(torch.autograd.Function):
 
         ctx.delta_softplus = delta_softplus
         ctx.groups = g
+        ctx.block = lb
         ctx.has = (D is not None, z is not None, delta_bias is not None)
-        ctx.dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype, getattr(z, "dtype", None))
-        ctx.save_for_backward(ut, dt, dt_raw if delta_softplus else None, Af, Bt, Ct, D, zt, y, hs, dA, dtu)
+        ctx.dtypes = tuple(getattr(t, "dtype", None) for t in (u, delta, A, B, C, z, delta_bias))
+        ctx.save_for_backward(ut, dt, dt_raw if delta_softplus else None, Af, Bt, Ct, D, zt, y, entering)
         return out.permute(1, 2, 0).contiguous().to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        ut, dt, dt_raw, Af, Bt, Ct, D, zt, y, hs, dA, dtu = ctx.saved_tensors
+        ut, dt, dt_raw, Af, Bt, Ct, D, zt, y, entering = ctx.saved_tensors
         has_D, has_z, has_bias = ctx.has
-        g = ctx.groups
-        l, bsz, d, n = hs.shape
+        g, lb = ctx.groups, ctx.block
+        l, bsz, d = ut.shape
+        n = Af.shape[1]
         dg = d // g
-        lbg = l * bsz * g
-        cd = hs.dtype
-        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, z_dtype = ctx.dtypes
+        cd = ut.dtype
+        u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, z_dtype, bias_dtype = ctx.dtypes
 
         go = _time_major(grad_out, cd)  # (l, b, d)
         dz = None
         if has_z:
             sz = torch.sigmoid(zt)
-            dz = go * y * sz * (1 + zt * (1 - sz))
+            dz = go * y * sz * (1 + zt * (1 - sz))  # d silu(z) / dz = s (1 + z (1 - s))
             dy = go * (zt * sz)
         else:
             dy = go
-        du = dy * D.to(cd) if has_D else torch.zeros_like(ut)
-        dD = (dy * ut).sum((0, 1)) if has_D else None
+        dtu = dt * ut
 
-        # dC_t = sum_d x_t dy_t (before the states buffer is reused).
-        dC = torch.bmm(dy.view(lbg, 1, dg), hs.view(lbg, dg, n)).view(l, bsz, g, n)
+        a_buf = dt.new_empty(lb, bsz, d, n)
+        h_buf = dt.new_empty(lb, bsz, d, n)
+        g_buf = dt.new_empty(lb, bsz, d, n)
+        g_next = dt.new_zeros(bsz, d, n)  # state gradient of the first step of the block after
+        a_next = dt.new_zeros(bsz, d, n)  # and its decay
+        dC = dt.new_empty(l, bsz, g, n)
+        dB = dt.new_empty(l, bsz, g, n)
+        d_dtu = dt.new_empty(l, bsz, d)
+        ddt = dt.new_empty(l, bsz, d)
+        dA_param = dt.new_zeros(d * n)
+        starts = list(range(0, l, lb))
+        for k in range(len(starts) - 1, -1, -1):
+            t0 = starts[k]
+            t1 = min(t0 + lb, l)
+            m = t1 - t0
+            a, h, gh = a_buf[:m], h_buf[:m], g_buf[:m]
+            _, a_steps = SelectiveScanFn._block_states(a, h, dt[t0:t1], dtu[t0:t1], Af, Bt[t0:t1], entering[k], g)
+            mbg = m * bsz * g
+            dy_k = dy[t0:t1]
+            # Reverse recurrence for the state gradient, carried in from the block after.
+            torch.mul(dy_k.view(m, bsz, g, dg, 1), Ct[t0:t1].view(m, bsz, g, 1, n), out=gh.view(m, bsz, g, dg, n))
+            g_steps = gh.unbind(0)
+            g_steps[m - 1].addcmul_(a_next, g_next)
+            for t in range(m - 2, -1, -1):
+                g_steps[t].addcmul_(a_steps[t + 1], g_steps[t + 1])
+            g_next.copy_(g_steps[0])
+            a_next.copy_(a_steps[0])
 
-        # Gradient w.r.t. the states: reverse recurrence, in place on the (l, b, d, n) buffer.
-        gh = torch.mul(dy.view(l, bsz, g, dg, 1), Ct.view(l, bsz, g, 1, n)).view(l, bsz, d, n)
-        g_steps, a_steps = gh.unbind(0), dA.unbind(0)
-        for t in range(l - 2, -1, -1):
-            g_steps[t].addcmul_(a_steps[t + 1], g_steps[t + 1])
+            # dC_t = sum_d x_t dy_t; the input term (dt u)_t B_t has gradient g_t.
+            torch.bmm(dy_k.reshape(mbg, 1, dg), h.view(mbg, dg, n), out=dC[t0:t1].view(mbg, 1, n))
+            torch.bmm(gh.view(mbg, dg, n), Bt[t0:t1].reshape(mbg, n, 1), out=d_dtu[t0:t1].view(mbg, dg, 1))
+            torch.bmm(dtu[t0:t1].reshape(mbg, 1, dg), gh.view(mbg, dg, n), out=dB[t0:t1].view(mbg, 1, n))
 
-        # x_t = exp(dt A) x_{t-1} + (dt u)_t B_t: gh is also the gradient w.r.t. the input term.
-        d_dtu = torch.bmm(gh.view(lbg, dg, n), Bt.view(lbg, n, 1)).view(l, bsz, d)
-        dB = torch.bmm(dtu.view(lbg, 1, dg), gh.view(lbg, dg, n)).view(l, bsz, g, n)
+            # Gradient w.r.t. the log-decay dt_t A: g_t * x_{t-1} * exp(dt_t A), in place over g.
+            gh[1:].mul_(h[:-1])
+            gh[0].mul_(entering[k])
+            gh.mul_(a)
+            torch.mul(gh, dt[t0:t1].unsqueeze(-1), out=h)  # h is free now
+            dA_param += h.view(m * bsz, d * n).sum(0)
+            gh.mul_(Af)
+            torch.sum(gh, dim=-1, out=ddt[t0:t1])
 
-        # Gradient w.r.t. the log-decay dt*A: gh_t * x_{t-1} * exp(dt_t A), zero at t=0; in place on dA.
-        dA[0].zero_()
-        dA[1:].mul_(hs[:-1]).mul_(gh[1:])
-        glog = dA.view(l * bsz, d, n).transpose(0, 1)  # (d, l*b, n), a strided view, no copy
-        # sum_n glog * A and sum_{t,b} glog * dt as batched matmuls over d (no full-size temporaries).
-        ddt = torch.bmm(glog, Af.unsqueeze(-1)).view(d, l, bsz).permute(1, 2, 0)
-        dA_param = torch.bmm(dt.view(l * bsz, d).t().unsqueeze(1), glog).squeeze(1)  # (d, n)
-
-        ddt = ddt + d_dtu * ut
-        du = du + d_dtu * dt
+        du = d_dtu * dt
+        if has_D:
+            du += dy * D.to(cd)
+        ddt += d_dtu * ut
         if dt_raw is not None:
-            ddt = ddt * torch.sigmoid(dt_raw)
-        d_bias = ddt.sum((0, 1)) if has_bias else None  # cast below, to delta_bias's dtype
+            ddt *= torch.sigmoid(dt_raw)
+        d_bias = ddt.sum((0, 1)).to(bias_dtype) if has_bias else None
+        dD = (dy * ut).sum((0, 1)).to(D.dtype) if has_D else None
 
         def back(t_lbx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (l, b, ...) -> (b, ..., l)
             return t_lbx.movedim(0, -1).contiguous().to(dtype)
@@ -288,12 +352,12 @@ class SelectiveScanFn(torch.autograd.Function):
         return (
             back(du, u_dtype),
             back(ddt, delta_dtype),
-            dA_param.to(A_dtype),
+            dA_param.view(d, n).to(A_dtype),
             dB_out,
             dC_out,
-            dD.to(D.dtype) if has_D else None,
+            dD,
             back(dz, z_dtype) if has_z else None,
-            d_bias if has_bias else None,
+            d_bias,
             None,
         )
 
