@@ -95,7 +95,13 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=192)
     p.add_argument("--state", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--only", nargs="+", default=None, help="subset of implementations (name prefixes)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    impls = {k: v for k, v in IMPLEMENTATIONS.items() if not args.only or any(k.startswith(o) for o in args.only)}
+    impls.setdefault("sequential reference loop", IMPLEMENTATIONS["sequential reference loop"])
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}")
     print(f"load average before: {tuple(round(x, 2) for x in os.getloadavg())}")
@@ -105,7 +111,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for l in args.lengths:
         inputs = make_inputs(args.batch, args.channels, args.state, l)
-        rows = {name: time_fwd_bwd(fn, inputs, args.repeats) for name, fn in IMPLEMENTATIONS.items()}
+        rows = {name: time_fwd_bwd(fn, inputs, args.repeats) for name, fn in impls.items()}
         ref_total = rows["sequential reference loop"][1]
         for name, (f, t) in rows.items():
             print(f"| {l} | {name} | {f:.3f} | {t:.3f} | {ref_total / t:.1f}x |")

@@ -171,8 +171,19 @@ def selective_scan_ref(
 # Eager pure-PyTorch path: recurrence in a time-major buffer, hand-written backward
 # --------------------------------------------------------------------------------------------------
 def _time_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, ..., L) -> contiguous (L, B, ...)."""
-    return t.to(dtype).movedim(-1, 0).contiguous()
+    """(B, ..., L) -> contiguous (L, B, ...).
+
+    Written as the transpose of a 2D matrix: ATen copies those with a cache-blocked kernel, several
+    times faster than the generic strided copy a 3D ``movedim(...).contiguous()`` gets.
+    """
+    l = t.shape[-1]
+    return t.to(dtype).reshape(-1, l).t().contiguous().view(l, *t.shape[:-1])
+
+
+def _batch_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`_time_major`: (L, B, ...) -> contiguous (B, ..., L)."""
+    l = t.shape[0]
+    return t.reshape(l, -1).t().contiguous().view(*t.shape[1:], l).to(dtype)
 
 
 # Elements (L_block * B * D * N) of one block buffer: ~2 MB of float32, so that the three buffers a
@@ -255,24 +266,23 @@ class SelectiveScanFn(torch.autograd.Function):
                 out=y[t0:t1].view(m * bsz * g, dg, 1),
             )
         if D is not None:
-            y = y + D.to(cd) * ut
+            y = torch.addcmul(y, ut, D.to(cd))
         out = y
         zt = None
         if z is not None:
             zt = _time_major(z, cd)
             out = y * F.silu(zt)
 
-        ctx.delta_softplus = delta_softplus
         ctx.groups = g
         ctx.block = lb
         ctx.has = (D is not None, z is not None, delta_bias is not None)
         ctx.dtypes = tuple(getattr(t, "dtype", None) for t in (u, delta, A, B, C, z, delta_bias))
-        ctx.save_for_backward(ut, dt, dt_raw if delta_softplus else None, Af, Bt, Ct, D, zt, y, entering)
-        return out.permute(1, 2, 0).contiguous().to(u.dtype)
+        ctx.save_for_backward(ut, dt, dtu, dt_raw if delta_softplus else None, Af, Bt, Ct, D, zt, y, entering)
+        return _batch_major(out, u.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        ut, dt, dt_raw, Af, Bt, Ct, D, zt, y, entering = ctx.saved_tensors
+        ut, dt, dtu, dt_raw, Af, Bt, Ct, D, zt, y, entering = ctx.saved_tensors
         has_D, has_z, has_bias = ctx.has
         g, lb = ctx.groups, ctx.block
         l, bsz, d = ut.shape
@@ -283,13 +293,11 @@ class SelectiveScanFn(torch.autograd.Function):
 
         go = _time_major(grad_out, cd)  # (l, b, d)
         dz = None
-        if has_z:
-            sz = torch.sigmoid(zt)
-            dz = go * y * sz * (1 + zt * (1 - sz))  # d silu(z) / dz = s (1 + z (1 - s))
-            dy = go * (zt * sz)
+        if has_z:  # out = y * silu(z); ATen's fused silu_backward gives go * y * silu'(z)
+            dz = torch.ops.aten.silu_backward(go * y, zt)
+            dy = go * F.silu(zt)
         else:
             dy = go
-        dtu = dt * ut
 
         a_buf = dt.new_empty(lb, bsz, d, n)
         h_buf = dt.new_empty(lb, bsz, d, n)
@@ -335,16 +343,14 @@ class SelectiveScanFn(torch.autograd.Function):
 
         du = d_dtu * dt
         if has_D:
-            du += dy * D.to(cd)
-        ddt += d_dtu * ut
-        if dt_raw is not None:
-            ddt *= torch.sigmoid(dt_raw)
+            du.addcmul_(dy, D.to(cd))
+        ddt.addcmul_(d_dtu, ut)
+        if dt_raw is not None:  # fused softplus backward (beta 1, threshold 20, as F.softplus)
+            ddt = torch.ops.aten.softplus_backward(ddt, dt_raw, 1.0, 20.0)
         d_bias = ddt.sum((0, 1)).to(bias_dtype) if has_bias else None
         dD = (dy * ut).sum((0, 1)).to(D.dtype) if has_D else None
 
-        def back(t_lbx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (l, b, ...) -> (b, ..., l)
-            return t_lbx.movedim(0, -1).contiguous().to(dtype)
-
+        back = _batch_major
         dB_out = back(dB, B_dtype)
         dC_out = back(dC, C_dtype)
         if g == 1:
