@@ -40,12 +40,12 @@ def mambapy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):
     delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    dt = delta.transpose(1, 2)  # (b, l, d)
+    dt = delta.transpose(1, 2)  # (b, L, d)
     x = u.transpose(1, 2)
-    deltaA = torch.exp(dt.unsqueeze(-1) * A)  # (b, l, d, n)
+    deltaA = torch.exp(dt.unsqueeze(-1) * A)  # (b, L, d, n)
     BX = (dt * x).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(2)
     hs = pscan(deltaA, BX)
-    y = (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(3)  # (b, l, d)
+    y = (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(3)  # (b, L, d)
     y = y + D * x
     return (y * F.silu(z.transpose(1, 2))).transpose(1, 2)
 
@@ -58,15 +58,15 @@ IMPLEMENTATIONS = {
 }
 
 
-def make_inputs(b: int, d: int, n: int, l: int, seed: int = 0) -> list[torch.Tensor]:
+def make_inputs(b: int, d: int, n: int, L: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(b, d, l, generator=g)
-    delta = torch.randn(b, d, l, generator=g) * 0.5 - 2.0
+    u = torch.randn(b, d, L, generator=g)
+    delta = torch.randn(b, d, L, generator=g) * 0.5 - 2.0
     A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1)  # Mamba's S4D-real init
-    B = torch.randn(b, n, l, generator=g)
-    C = torch.randn(b, n, l, generator=g)
+    B = torch.randn(b, n, L, generator=g)
+    C = torch.randn(b, n, L, generator=g)
     D = torch.ones(d)
-    z = torch.randn(b, d, l, generator=g)
+    z = torch.randn(b, d, L, generator=g)
     delta_bias = torch.rand(d, generator=g) * 0.1
     return [t.requires_grad_() for t in (u, delta, A, B, C, D, z, delta_bias)]
 
@@ -109,12 +109,12 @@ def main() -> None:
           f"median of {args.repeats} after 1 warm-up\n")
     print("| L | implementation | forward s | forward+backward s | speed-up vs loop (fwd+bwd) |")
     print("|---|---|---|---|---|")
-    for l in args.lengths:
-        inputs = make_inputs(args.batch, args.channels, args.state, l)
+    for L in args.lengths:
+        inputs = make_inputs(args.batch, args.channels, args.state, L)
         rows = {name: time_fwd_bwd(fn, inputs, args.repeats) for name, fn in impls.items()}
         ref_total = rows["sequential reference loop"][1]
         for name, (f, t) in rows.items():
-            print(f"| {l} | {name} | {f:.3f} | {t:.3f} | {ref_total / t:.1f}x |")
+            print(f"| {L} | {name} | {f:.3f} | {t:.3f} | {ref_total / t:.1f}x |")
     print(f"\nload average after: {tuple(round(x, 2) for x in os.getloadavg())}")
 
 

@@ -98,21 +98,21 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> int:
     """Validate shapes; return the number of B/C groups G."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (B, D, L); got {tuple(u.shape)} and {tuple(delta.shape)}")
-    b, d, l = u.shape
+    b, d, L = u.shape
     if A.dim() != 2 or A.shape[0] != d:
         raise ValueError(f"A must be (D, N) with D={d}; got {tuple(A.shape)}")
     n = A.shape[1]
     if B.dim() == 3:
         g = 1
-        ok = B.shape == (b, n, l) and C.shape == (b, n, l)
+        ok = B.shape == (b, n, L) and C.shape == (b, n, L)
     elif B.dim() == 4:
         g = B.shape[1]
-        ok = B.shape == (b, g, n, l) and C.shape == B.shape and d % g == 0
+        ok = B.shape == (b, g, n, L) and C.shape == B.shape and d % g == 0
     else:
         ok, g = False, 1
     if not ok:
         raise ValueError(
-            f"B and C must be (B, N, L) = {(b, n, l)} or (B, G, N, L) with D divisible by G; "
+            f"B and C must be (B, N, L) = {(b, n, L)} or (B, G, N, L) with D divisible by G; "
             f"got {tuple(B.shape)} and {tuple(C.shape)}"
         )
     for name, t in (("D", D), ("delta_bias", delta_bias)):
@@ -143,20 +143,20 @@ def selective_scan_ref(
     Shapes as :func:`selective_scan`; returns (B, D, L).
     """
     g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    b, d, l = u.shape
+    b, d, L = u.shape
     n = A.shape[1]
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    Bg = B.reshape(b, g, 1, n, l)
-    Cg = C.reshape(b, g, 1, n, l)
-    dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, l, n)
-    dBu = ((delta * u).reshape(b, g, d // g, l, 1) * Bg.transpose(-1, -2)).reshape(b, d, l, n)
-    Ct = Cg.transpose(-1, -2).expand(b, g, d // g, l, n).reshape(b, d, l, n)
+    Bg = B.reshape(b, g, 1, n, L)
+    Cg = C.reshape(b, g, 1, n, L)
+    dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
+    dBu = ((delta * u).reshape(b, g, d // g, L, 1) * Bg.transpose(-1, -2)).reshape(b, d, L, n)
+    Ct = Cg.transpose(-1, -2).expand(b, g, d // g, L, n).reshape(b, d, L, n)
     x = u.new_zeros(b, d, n)
     ys = []
-    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), Ct.unbind(2)):
+    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), Ct.unbind(2), strict=True):
         x = dA_t * x + dBu_t
         ys.append((x * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
@@ -176,14 +176,14 @@ def _time_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Written as the transpose of a 2D matrix: ATen copies those with a cache-blocked kernel, several
     times faster than the generic strided copy a 3D ``movedim(...).contiguous()`` gets.
     """
-    l = t.shape[-1]
-    return t.to(dtype).reshape(-1, l).t().contiguous().view(l, *t.shape[:-1])
+    L = t.shape[-1]
+    return t.to(dtype).reshape(-1, L).t().contiguous().view(L, *t.shape[:-1])
 
 
 def _batch_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`_time_major`: (L, B, ...) -> contiguous (B, ..., L)."""
-    l = t.shape[0]
-    return t.reshape(l, -1).t().contiguous().view(*t.shape[1:], l).to(dtype)
+    L = t.shape[0]
+    return t.reshape(L, -1).t().contiguous().view(*t.shape[1:], L).to(dtype)
 
 
 # Elements (L_block * B * D * N) of one block buffer: ~2 MB of float32, so that the three buffers a
@@ -193,8 +193,8 @@ _BLOCK_ELEMS = 1 << 19
 _MIN_BLOCK_STEPS = 16
 
 
-def _block_steps(l: int, per_step: int) -> int:
-    return max(1, min(l, max(_MIN_BLOCK_STEPS, _BLOCK_ELEMS // max(per_step, 1))))
+def _block_steps(L: int, per_step: int) -> int:
+    return max(1, min(L, max(_MIN_BLOCK_STEPS, _BLOCK_ELEMS // max(per_step, 1))))
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -211,16 +211,16 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def _prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, g):
         """Time-major (L, B, ...) copies of the small inputs, in the compute dtype."""
-        bsz, d, l = u.shape
+        bsz, d, L = u.shape
         n = A.shape[1]
         cd = _compute_dtype(u.dtype)
-        dt_raw = _time_major(delta, cd)  # (l, b, d)
+        dt_raw = _time_major(delta, cd)  # (L, b, d)
         if delta_bias is not None:
             dt_raw = dt_raw + delta_bias.to(cd)
         dt = F.softplus(dt_raw) if delta_softplus else dt_raw
         ut = _time_major(u, cd)
-        Bt = _time_major(B.reshape(bsz, g, n, l), cd)  # (l, b, g, n)
-        Ct = _time_major(C.reshape(bsz, g, n, l), cd)
+        Bt = _time_major(B.reshape(bsz, g, n, L), cd)  # (L, b, g, n)
+        Ct = _time_major(C.reshape(bsz, g, n, L), cd)
         return dt_raw, dt, ut, Bt, Ct, A.to(cd)
 
     @staticmethod
@@ -239,21 +239,21 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
         g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-        bsz, d, l = u.shape
+        bsz, d, L = u.shape
         n = A.shape[1]
         dg = d // g
         dt_raw, dt, ut, Bt, Ct, Af = SelectiveScanFn._prepare(u, delta, A, B, C, D, delta_bias, delta_softplus, g)
         cd = dt.dtype
         dtu = dt * ut
 
-        lb = _block_steps(l, bsz * d * n)
-        starts = list(range(0, l, lb))
+        lb = _block_steps(L, bsz * d * n)
+        starts = list(range(0, L, lb))
         a_buf = dt.new_empty(lb, bsz, d, n)
         h_buf = dt.new_empty(lb, bsz, d, n)
         entering = dt.new_zeros(len(starts), bsz, d, n)  # state entering each block (checkpoints)
-        y = dt.new_empty(l, bsz, d)
+        y = dt.new_empty(L, bsz, d)
         for k, t0 in enumerate(starts):
-            t1 = min(t0 + lb, l)
+            t1 = min(t0 + lb, L)
             m = t1 - t0
             h_steps, _ = SelectiveScanFn._block_states(
                 a_buf[:m], h_buf[:m], dt[t0:t1], dtu[t0:t1], Af, Bt[t0:t1], entering[k], g
@@ -285,13 +285,13 @@ class SelectiveScanFn(torch.autograd.Function):
         ut, dt, dtu, dt_raw, Af, Bt, Ct, D, zt, y, entering = ctx.saved_tensors
         has_D, has_z, has_bias = ctx.has
         g, lb = ctx.groups, ctx.block
-        l, bsz, d = ut.shape
+        L, bsz, d = ut.shape
         n = Af.shape[1]
         dg = d // g
         cd = ut.dtype
         u_dtype, delta_dtype, A_dtype, B_dtype, C_dtype, z_dtype, bias_dtype = ctx.dtypes
 
-        go = _time_major(grad_out, cd)  # (l, b, d)
+        go = _time_major(grad_out, cd)  # (L, b, d)
         dz = None
         if has_z:  # out = y * silu(z); ATen's fused silu_backward gives go * y * silu'(z)
             dz = torch.ops.aten.silu_backward(go * y, zt)
@@ -304,15 +304,15 @@ class SelectiveScanFn(torch.autograd.Function):
         g_buf = dt.new_empty(lb, bsz, d, n)
         g_next = dt.new_zeros(bsz, d, n)  # state gradient of the first step of the block after
         a_next = dt.new_zeros(bsz, d, n)  # and its decay
-        dC = dt.new_empty(l, bsz, g, n)
-        dB = dt.new_empty(l, bsz, g, n)
-        d_dtu = dt.new_empty(l, bsz, d)
-        ddt = dt.new_empty(l, bsz, d)
+        dC = dt.new_empty(L, bsz, g, n)
+        dB = dt.new_empty(L, bsz, g, n)
+        d_dtu = dt.new_empty(L, bsz, d)
+        ddt = dt.new_empty(L, bsz, d)
         dA_param = dt.new_zeros(d * n)
-        starts = list(range(0, l, lb))
+        starts = list(range(0, L, lb))
         for k in range(len(starts) - 1, -1, -1):
             t0 = starts[k]
-            t1 = min(t0 + lb, l)
+            t1 = min(t0 + lb, L)
             m = t1 - t0
             a, h, gh = a_buf[:m], h_buf[:m], g_buf[:m]
             _, a_steps = SelectiveScanFn._block_states(a, h, dt[t0:t1], dtu[t0:t1], Af, Bt[t0:t1], entering[k], g)
@@ -430,7 +430,7 @@ def selective_scan_chunked(
     of L otherwise. Gradients come from autograd. Shapes as :func:`selective_scan`; returns (B, D, L).
     """
     g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    b, d, l = u.shape
+    b, d, L = u.shape
     n = A.shape[1]
     out_dtype = u.dtype
     cd = _compute_dtype(u.dtype)
@@ -439,13 +439,13 @@ def selective_scan_chunked(
         delta = delta + delta_bias.to(cd)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    log_a = delta.unsqueeze(-1) * A[:, None, :]  # (b, d, l, n)
-    Bt = B.reshape(b, g, 1, n, l).transpose(-1, -2)  # (b, g, 1, l, n)
-    x = ((delta * u).reshape(b, g, d // g, l, 1) * Bt).reshape(b, d, l, n)
+    log_a = delta.unsqueeze(-1) * A[:, None, :]  # (b, d, L, n)
+    Bt = B.reshape(b, g, 1, n, L).transpose(-1, -2)  # (b, g, 1, L, n)
+    x = ((delta * u).reshape(b, g, d // g, L, 1) * Bt).reshape(b, d, L, n)
     min_log = -_max_exponent(cd) / max(1, (chunk - 1) - (chunk - 1) // 2)
-    h = _chunked_linear_scan(log_a, x, chunk, min_log)  # (b, d, l, n)
-    Ct = C.reshape(b, g, 1, n, l).transpose(-1, -2)
-    y = (h.reshape(b, g, d // g, l, n) * Ct).sum(-1).reshape(b, d, l)
+    h = _chunked_linear_scan(log_a, x, chunk, min_log)  # (b, d, L, n)
+    Ct = C.reshape(b, g, 1, n, L).transpose(-1, -2)
+    y = (h.reshape(b, g, d // g, L, n) * Ct).sum(-1).reshape(b, d, L)
     if D is not None:
         y = y + D.to(cd)[:, None] * u
     if z is not None:
