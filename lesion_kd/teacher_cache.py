@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .data.folder import Sample
 from .data.geometry import warp_to_view
-from .data.io import atomic_write_bytes, read_image
+from .data.io import read_image
 from .models import build_teacher
 from .models.teacher import EMBED_SHAPE, teacher_fingerprint
 
@@ -131,6 +131,24 @@ def _read_entry(path: Path) -> torch.Tensor:
     return decode_entry(data, str(path))
 
 
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then ``os.replace``: readers see a whole entry or none.
+
+    Unlike :func:`lesion_kd.data.io.atomic_write_bytes` it removes the temporary file when the write
+    fails, so an interrupted fill leaves no 2 MiB orphans behind (only a killed process can).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: DDP ranks may race on one entry
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "_"
 
@@ -147,7 +165,7 @@ def aligned(embeddings: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]
 
 def _image_tensor(path: Path) -> torch.Tensor:
     """(1, 3, H, W) float in [0, 1] from any image file."""
-    return torch.from_numpy(read_image(path)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    return torch.tensor(read_image(path)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)  # copies: read-only array
 
 
 class TeacherEmbeddingCache:
@@ -215,7 +233,7 @@ class TeacherEmbeddingCache:
 
     def _store(self, sample: Sample) -> torch.Tensor:
         emb = self.compute(sample)
-        atomic_write_bytes(self.entry_path(sample), encode_entry(emb))  # temp file + os.replace
+        _atomic_write(self.entry_path(sample), encode_entry(emb))
         return emb
 
     def _check_outside_dataset(self, samples: Sequence[Sample]) -> None:
