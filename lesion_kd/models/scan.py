@@ -171,19 +171,25 @@ def selective_scan_ref(
 # Eager pure-PyTorch path: recurrence in a time-major buffer, hand-written backward
 # --------------------------------------------------------------------------------------------------
 def _time_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, ..., L) -> contiguous (L, B, ...).
+    """(B, ..., L) -> contiguous (L, B, ...), without a copy when the memory is time-major already.
 
-    Written as the transpose of a 2D matrix: ATen copies those with a cache-blocked kernel, several
-    times faster than the generic strided copy a 3D ``movedim(...).contiguous()`` gets.
+    A caller that keeps its tokens time-major (the VSS block does) passes ``x.permute(1, 2, 0)`` and
+    pays nothing. A (B, ..., L)-contiguous input is copied as the transpose of a 2D matrix: ATen does
+    those with a cache-blocked kernel, several times faster than a generic 3D strided copy.
     """
-    L = t.shape[-1]
-    return t.to(dtype).reshape(-1, L).t().contiguous().view(L, *t.shape[:-1])
+    t = t.to(dtype)
+    tm = t.movedim(-1, 0)
+    if tm.is_contiguous():
+        return tm
+    if t.is_contiguous():
+        L = t.shape[-1]
+        return t.reshape(-1, L).t().contiguous().view(L, *t.shape[:-1])
+    return tm.contiguous()
 
 
 def _batch_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of :func:`_time_major`: (L, B, ...) -> contiguous (B, ..., L)."""
-    L = t.shape[0]
-    return t.reshape(L, -1).t().contiguous().view(*t.shape[1:], L).to(dtype)
+    """(L, B, ...) -> (B, ..., L) as a view (values as mamba-ssm's, memory stays time-major)."""
+    return t.movedim(0, -1).to(dtype)
 
 
 # Elements (L_block * B * D * N) of one block buffer: ~2 MB of float32, so that the three buffers a
@@ -355,6 +361,7 @@ class SelectiveScanFn(torch.autograd.Function):
         dC_out = back(dC, C_dtype)
         if g == 1:
             dB_out, dC_out = dB_out.squeeze(1), dC_out.squeeze(1)
+        # Gradients keep the time-major memory of the saved inputs; autograd accepts any strides.
         return (
             back(du, u_dtype),
             back(ddt, delta_dtype),
