@@ -59,6 +59,8 @@ class LesionCLI(LightningCLI):
                             help="after fit, test the best checkpoint and write metrics.json")
         parser.add_argument("--wandb", type=bool, default=False,
                             help="also log to Weights & Biases (offline unless WANDB_API_KEY / WANDB_MODE say otherwise)")
+        parser.add_argument("--predict_output", type=str | None, default=None,
+                            help="predict: folder for <id>_mask.png and <id>_overlay.png (default: predictions/ in the run directory)")
         parser.add_argument("--results_root", type=str | None, default=None,
                             help="copy metrics.json and the resolved config to "
                                  "RESULTS_ROOT/<dataset>/<method>-<network>-<labels>pct-seed<k>/ (never checkpoints)")
@@ -85,14 +87,17 @@ class LesionCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt or None)
         self._publish()
 
+    def before_predict(self) -> None:
+        self.model.predict_output = self._sub().get("predict_output")
+
     def after_test(self) -> None:
         self._publish()
 
     def _publish(self) -> None:
         root = self._sub().get("results_root")
+        run_dir = Path(self.trainer.log_dir)  # a collective under DDP: every rank asks
         if not root or not self.trainer.is_global_zero:
             return
-        run_dir = Path(self.trainer.log_dir)
         dm, model = self.datamodule, self.model
         labels = round(dm.hparams.labeled_fraction * 100)
         dest = Path(root) / dm.dataset_name / (

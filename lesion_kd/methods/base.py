@@ -54,8 +54,6 @@ class SegmentationModule(L.LightningModule):
         poly_power: exponent of the poly schedule.
         warmup_steps: linear warm-up steps before the schedule.
         eval_original_resolution: also compute test metrics at each image's original resolution (slower).
-        predict_output: folder where ``predict`` writes ``<id>_mask.png`` and ``<id>_overlay.png``
-            (default: ``predictions/`` in the run directory).
     """
 
     method_name = "base"
@@ -75,7 +73,6 @@ class SegmentationModule(L.LightningModule):
         poly_power: float = 0.9,
         warmup_steps: int = 0,
         eval_original_resolution: bool = False,
-        predict_output: str | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -86,6 +83,9 @@ class SegmentationModule(L.LightningModule):
         self.sup_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
         self._eval: dict[str, dict[str, float]] = {}
         self._eval_orig: dict[str, dict[str, float]] = {}
+        # where predict writes masks and overlays; set by the CLI's --predict_output (not a hyperparameter:
+        # LightningCLI would restore the training run's value from the checkpoint)
+        self.predict_output: str | None = None
 
     # ------------------------------------------------------------------------------------ model
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,9 +174,9 @@ class SegmentationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         summary = self._finish_eval("test")
         orig, self._eval_orig = self._gather(self._eval_orig), {}
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if summary is None or not self.trainer.is_global_zero:
             return
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         write_json(run_dir / "metrics.json", summary)
         if orig:
             write_json(run_dir / "metrics_original_resolution.json", summarize(orig, resolution="original"))
@@ -190,7 +190,7 @@ class SegmentationModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
         from ..data.io import read_image
 
-        out_dir = Path(self.hparams.predict_output or Path(self.trainer.log_dir or ".") / "predictions")
+        out_dir = Path(self.predict_output or Path(self.trainer.log_dir or ".") / "predictions")
         probs = torch.softmax(self(batch["image"]).float(), dim=1)
         written = []
         for i, path in enumerate(batch["path"]):

@@ -1,0 +1,110 @@
+"""End to end through the ``lesion-kd`` command on real Kvasir-SEG data (smoke profile)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+BASE = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
+        "--config", "experiments/profile/smoke.yaml"]
+
+
+def lesion_kd(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "lesion_kd.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"lesion-kd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_dir_of(root: Path) -> Path:
+    (metrics,) = root.rglob("metrics.json")
+    return metrics.parent
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir) -> Path:
+    root = tmp_path_factory.mktemp("smoke")
+    out = lesion_kd("fit", *BASE, "--trainer.default_root_dir", str(root), env_extra={"LESION_KD_DATA": str(data_dir)})
+    assert "metrics written to" in out.stdout
+    return run_dir_of(root)
+
+
+def test_help_lists_subcommands():
+    out = lesion_kd("--help").stdout
+    for cmd in ("fit", "validate", "test", "predict", "cache-teacher"):
+        assert f"  {cmd}" in out
+
+
+def test_fit_options_have_help_strings():
+    out = lesion_kd("fit", "--help").stdout
+    assert "--data.labeled_fraction" in out and "fraction of the training split that keeps its labels" in out
+    model = lesion_kd("fit", "--model.help", "lesion_kd.methods.Supervised").stdout
+    assert "--model.network" in model and "registered network name" in model
+
+
+def test_smoke_fit_writes_checkpoint_config_and_metrics(smoke_run):
+    m = json.loads((smoke_run / "metrics.json").read_text())
+    assert set(m) >= {"dice", "iou", "hd95", "asd", "n_images", "resolution", "per_image"}
+    assert m["n_images"] == 8 and len(m["per_image"]) == 8 and m["resolution"] == "model"
+    assert 0.0 <= m["dice"]["mean"] <= 1.0 and m["hd95"]["mean"] > 0
+    assert list((smoke_run / "checkpoints").glob("best-*.ckpt")) and (smoke_run / "checkpoints" / "last.ckpt").is_file()
+    assert (smoke_run / "config.yaml").is_file() and (smoke_run / "split.json").is_file()
+
+
+def test_test_and_predict_from_the_checkpoint(smoke_run, tmp_path, data_dir):
+    ckpt = next((smoke_run / "checkpoints").glob("best-*.ckpt"))
+    env = {"LESION_KD_DATA": str(data_dir)}
+    out = lesion_kd("test", "--config", str(smoke_run / "config.yaml"), "--ckpt_path", str(ckpt),
+                    "--trainer.default_root_dir", str(tmp_path / "test"), env_extra=env)
+    m = json.loads(Path(out.stdout.split("metrics written to ")[1].split()[0]).read_text())
+    assert m["n_images"] == 8
+    # predict on any folder of images: one mask + one overlay per image, at the image's own size
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    kv = data_dir / "Kvasir-SEG" / "images"
+    names = sorted(os.listdir(kv))[:2]
+    for n in names:
+        Image.open(kv / n).save(folder / n)
+    Image.fromarray(np.zeros((50, 70), np.uint8)).save(folder / "gray.png")
+    lesion_kd("predict", "--config", str(smoke_run / "config.yaml"), "--ckpt_path", str(ckpt),
+              "--data.predict_input", str(folder), "--predict_output", str(tmp_path / "pred"),
+              "--trainer.default_root_dir", str(tmp_path / "predrun"), env_extra=env)
+    for n in [*names, "gray.png"]:
+        stem = Path(n).stem
+        mask = Image.open(tmp_path / "pred" / f"{stem}_mask.png")
+        src = Image.open(folder / n)
+        assert mask.size == src.size and set(np.unique(np.asarray(mask))) <= {0, 255}
+        assert Image.open(tmp_path / "pred" / f"{stem}_overlay.png").size == src.size
+
+
+def test_user_folder_trains_with_no_registry_entry(tmp_path):
+    from conftest import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "own", n=24, sizes=((70, 90), (64, 64)))
+    out = lesion_kd("fit", "--config", "experiments/method/supervised.yaml", "--config", "experiments/profile/smoke.yaml",
+                    "--data.root", str(data), "--data.dataset", "own", "--data.max_train_images", "null",
+                    "--trainer.default_root_dir", str(tmp_path / "runs"))
+    run = run_dir_of(tmp_path / "runs")
+    rec = json.loads((run / "split.json").read_text())
+    assert rec["root"] == str(data) and len(rec["test"]) == round(0.2 * 24)
+    assert "metrics written to" in out.stdout
+    assert not any(p.name == "split.json" for p in data.rglob("*"))
+
+
+def test_two_process_cpu_ddp_fit(tmp_path, data_dir):
+    lesion_kd("fit", *BASE, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+              "--trainer.default_root_dir", str(tmp_path), env_extra={"LESION_KD_DATA": str(data_dir)})
+    m = json.loads((run_dir_of(tmp_path) / "metrics.json").read_text())
+    assert m["n_images"] == 8  # per-image metrics gathered from both ranks, duplicates collapsed
