@@ -90,6 +90,9 @@ def test_torch_scan_carries_state_and_gradient_across_time_blocks(monkeypatch):
     monkeypatch.setattr(scan_mod, "_MIN_BLOCK_STEPS", 5)
     inputs = make_inputs(groups=2)
     assert_same(torch_backend, selective_scan_ref, inputs, True, tol=1e-6)
+    with torch.no_grad():  # inference keeps a single carried state instead of per-block checkpoints
+        y = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    assert rel_err(y, selective_scan_ref(**inputs, delta_softplus=True)) < 1e-6
 
 
 @pytest.mark.parametrize("options", [(False,) * 4, (True,) * 4], ids=["bare", "all-options"])

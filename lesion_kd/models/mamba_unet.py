@@ -31,6 +31,8 @@ from .vss import VSSBlock
 
 __all__ = ["MambaUNet", "mamba_unet"]
 
+# Modules here take and return NCHW tensors whose memory is channels-last (see MambaUNet.encode).
+
 
 class ConvBNAct(nn.Sequential):
     """conv(k, stride)-BN-ReLU; (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
@@ -43,6 +45,17 @@ class ConvBNAct(nn.Sequential):
         )
 
 
+class Pointwise(nn.Linear):
+    """1x1 convolution as a matrix product over channels-last memory; (B, C_in, H, W) -> (B, C_out, H, W).
+
+    On a channels-last map this is one GEMM on contiguous rows, about 3x faster on CPU than a 1x1
+    ``nn.Conv2d`` (which oneDNN does not specialise); the output is channels-last too.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class DSConvBlock(nn.Module):
     """Residual depthwise-separable block: x + BN(pw(ReLU(BN(dw3x3(x))))), then ReLU; (B, C, H, W) -> same."""
 
@@ -50,7 +63,7 @@ class DSConvBlock(nn.Module):
         super().__init__()
         self.dw = nn.Conv2d(ch, ch, 3, padding=1, groups=ch, bias=False)
         self.bn1 = nn.BatchNorm2d(ch)
-        self.pw = nn.Conv2d(ch, ch, 1, bias=False)
+        self.pw = Pointwise(ch, ch, bias=False)
         self.bn2 = nn.BatchNorm2d(ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +103,7 @@ class UpAdd(nn.Module):
 
     def __init__(self, deep_ch: int, skip_ch: int) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(deep_ch, skip_ch, 1, bias=False), nn.BatchNorm2d(skip_ch))
+        self.proj = nn.Sequential(Pointwise(deep_ch, skip_ch, bias=False), nn.BatchNorm2d(skip_ch))
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(self.proj(deep), size=skip.shape[-2:], mode="bilinear", align_corners=False)

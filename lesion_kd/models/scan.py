@@ -243,7 +243,7 @@ class SelectiveScanFn(torch.autograd.Function):
         return h_steps, a_steps
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, for_backward: bool = True):
         g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
         bsz, d, L = u.shape
         n = A.shape[1]
@@ -256,16 +256,18 @@ class SelectiveScanFn(torch.autograd.Function):
         starts = list(range(0, L, lb))
         a_buf = dt.new_empty(lb, bsz, d, n)
         h_buf = dt.new_empty(lb, bsz, d, n)
-        entering = dt.new_zeros(len(starts), bsz, d, n)  # state entering each block (checkpoints)
+        # State entering each block: kept for backward (checkpoints); inference needs only a carry.
+        entering = dt.new_zeros(len(starts) if for_backward else 1, bsz, d, n)
         y = dt.new_empty(L, bsz, d)
         for k, t0 in enumerate(starts):
             t1 = min(t0 + lb, L)
             m = t1 - t0
+            kk = k if for_backward else 0
             h_steps, _ = SelectiveScanFn._block_states(
-                a_buf[:m], h_buf[:m], dt[t0:t1], dtu[t0:t1], Af, Bt[t0:t1], entering[k], g
+                a_buf[:m], h_buf[:m], dt[t0:t1], dtu[t0:t1], Af, Bt[t0:t1], entering[kk], g
             )
             if k + 1 < len(starts):
-                entering[k + 1].copy_(h_steps[-1])
+                entering[kk + 1 if for_backward else 0].copy_(h_steps[-1])
             # y_t = C_t . x_t for every (t, b, group) of the block: one batched matrix product.
             torch.bmm(
                 h_buf[:m].view(m * bsz * g, dg, n), Ct[t0:t1].reshape(m * bsz * g, n, 1),
@@ -371,6 +373,7 @@ class SelectiveScanFn(torch.autograd.Function):
             dD,
             back(dz, z_dtype) if has_z else None,
             d_bias,
+            None,
             None,
         )
 
@@ -509,4 +512,6 @@ def selective_scan(
             _warned_fallback = True
     if backend == "chunked" or _is_tracing():
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return SelectiveScanFn.apply(*tensors, delta_softplus, for_backward)

@@ -1,0 +1,1 @@
+"""The suite's own subcommands (beside LightningCLI's fit/validate/test/predict)."""
