@@ -31,9 +31,8 @@ test-fast: install
 # cores) and prints its test Dice / IoU / HD95.
 demo: install
 	@test -n "$$LESION_KD_DATA" || { echo "set LESION_KD_DATA to the folder that holds Kvasir-SEG/"; exit 1; }
-	$(VENV)/bin/lesion-kd fit --config experiments/data/kvasir-seg.yaml \
-	  --config experiments/method/supervised.yaml --config experiments/profile/$(PROFILE).yaml \
-	  --data.labeled_fraction $(LABELS) --trainer.default_root_dir runs/demo
+	$(VENV)/bin/lesion-kd fit --config experiments/exp/kvasir-seg_supervised-unet_cpu.yaml \
+	  --config experiments/profile/$(PROFILE).yaml --data.labeled_fraction $(LABELS) --trainer.default_root_dir runs/demo
 
 lint: install
 	$(VENV)/bin/ruff check lesion_kd tests benchmarks

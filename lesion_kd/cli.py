@@ -112,6 +112,54 @@ class LesionCLI(LightningCLI):
         print(f"results copied to {dest}")
 
 
+def _config_args(path: str, seen: tuple[str, ...] = ()) -> list[str]:
+    """``--config`` arguments for one config file, with its ``compose:`` list expanded first.
+
+    An experiment file composes data, method and profile configs (paths relative to the file, or to the
+    working directory) and may override any option after them::
+
+        compose: [../data/kvasir-seg.yaml, ../method/supervised.yaml, ../profile/cpu.yaml]
+        data: {labeled_fraction: 0.2}
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        return ["--config", path]  # jsonargparse reports the missing file (or parses an inline YAML string)
+    doc = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(doc, dict) or "compose" not in doc:
+        return ["--config", path]
+    if str(p.resolve()) in seen:
+        raise SystemExit(f"lesion-kd: {path}: compose: includes itself")
+    out: list[str] = []
+    for item in doc.pop("compose") or []:
+        cand = p.parent / item if (p.parent / item).is_file() else Path(item)
+        if not cand.is_file():
+            raise SystemExit(f"lesion-kd: {path}: compose: {item} not found (relative to {p.parent} or the working directory)")
+        out += _config_args(str(cand), (*seen, str(p.resolve())))
+    if doc:
+        out += ["--config", yaml.safe_dump(doc)]
+    return out
+
+
+def expand_configs(argv: list[str]) -> list[str]:
+    """Replace every ``--config FILE`` whose YAML has a ``compose:`` list by the configs it composes."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            out += _config_args(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--config="):
+            out += _config_args(a.split("=", 1)[1])
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def run_lightning(args: list[str] | None) -> None:
     LesionCLI(
         SegmentationModule,
@@ -131,7 +179,6 @@ def _call(target: str, args: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    explicit = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         lines = [f"  {k:<15} {v}" for k, v in LIGHTNING_COMMANDS.items()]
@@ -143,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in LIGHTNING_COMMANDS:
         print(f"lesion-kd: unknown command {argv[0]!r}; run 'lesion-kd --help' for the list", file=sys.stderr)
         return 2
-    run_lightning(argv if explicit else None)
+    import warnings
+
+    # we always hand LightningCLI the (expanded) arguments; its warning about sys.argv also being set is moot
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    run_lightning(expand_configs(argv))
     return 0
 
 

@@ -67,9 +67,13 @@ def test_test_and_predict_from_the_checkpoint(smoke_run, tmp_path, data_dir):
     ckpt = next((smoke_run / "checkpoints").glob("best-*.ckpt"))
     env = {"LESION_KD_DATA": str(data_dir)}
     out = lesion_kd("test", "--config", str(smoke_run / "config.yaml"), "--ckpt_path", str(ckpt),
+                    "--data.eval_original_resolution", "true",
                     "--trainer.default_root_dir", str(tmp_path / "test"), env_extra=env)
-    m = json.loads(Path(out.stdout.split("metrics written to ")[1].split()[0]).read_text())
+    path = Path(out.stdout.split("metrics written to ")[1].split()[0])
+    m = json.loads(path.read_text())
     assert m["n_images"] == 8
+    orig = json.loads((path.parent / "metrics_original_resolution.json").read_text())
+    assert orig["resolution"] == "original" and set(orig["per_image"]) == set(m["per_image"])
     # predict on any folder of images: one mask + one overlay per image, at the image's own size
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -87,6 +91,14 @@ def test_test_and_predict_from_the_checkpoint(smoke_run, tmp_path, data_dir):
         src = Image.open(folder / n)
         assert mask.size == src.size and set(np.unique(np.asarray(mask))) <= {0, 255}
         assert Image.open(tmp_path / "pred" / f"{stem}_overlay.png").size == src.size
+
+
+def test_wandb_logging_offline_without_credentials(tmp_path, data_dir):
+    env = {"LESION_KD_DATA": str(data_dir), "WANDB_API_KEY": "", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    lesion_kd("fit", *BASE, "--wandb", "true", "--test_after_fit", "false",
+              "--trainer.default_root_dir", str(tmp_path), env_extra=env)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "no offline W&B run directory written"
 
 
 def test_user_folder_trains_with_no_registry_entry(tmp_path):
@@ -108,3 +120,15 @@ def test_two_process_cpu_ddp_fit(tmp_path, data_dir):
               "--trainer.default_root_dir", str(tmp_path), env_extra={"LESION_KD_DATA": str(data_dir)})
     m = json.loads((run_dir_of(tmp_path) / "metrics.json").read_text())
     assert m["n_images"] == 8  # per-image metrics gathered from both ranks, duplicates collapsed
+
+
+def test_experiment_file_composes_data_method_and_profile(tmp_path):
+    from lesion_kd.cli import expand_configs
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"compose:\n  - {REPO}/experiments/data/busi.yaml\n  - {REPO}/experiments/method/supervised.yaml\n"
+                   f"  - {REPO}/experiments/profile/smoke.yaml\ndata:\n  labeled_fraction: 0.2\n")
+    out = lesion_kd("fit", "--config", str(exp), "--print_config").stdout
+    assert "dataset: busi" in out and "labeled_fraction: 0.2" in out and "max_steps: 3" in out
+    assert "lesion_kd.methods.Supervised" in out
+    assert expand_configs(["fit", "--config", str(REPO / "experiments/profile/smoke.yaml")])[-1].endswith("smoke.yaml")

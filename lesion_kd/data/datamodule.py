@@ -54,6 +54,8 @@ class LesionDataModule(L.LightningDataModule):
             ``~/.cache/lesion_kd``); never inside the dataset folder.
         predict_input: what ``predict`` segments: ``test``/``val``/``train`` (a split of the dataset) or a path to
             an image file or a folder of images.
+        eval_original_resolution: also compute test metrics at each image's original resolution, the
+            prediction up-sampled to the original mask (written to ``metrics_original_resolution.json``).
         augmentation: strength of the weak and strong views.
         run_dir: where a user folder's split file is written (default: the trainer's log directory).
     """
@@ -79,6 +81,7 @@ class LesionDataModule(L.LightningDataModule):
         on_bad_sample: str = "error",
         cache_dir: str | None = None,
         predict_input: str = "test",
+        eval_original_resolution: bool = False,
         augmentation: AugmentationConfig | None = None,
         run_dir: str | None = None,
     ) -> None:

@@ -53,7 +53,6 @@ class SegmentationModule(L.LightningModule):
         schedule: ``poly`` (lr * (1 - t/T)^power), ``cosine`` or ``constant``, over the run's total steps.
         poly_power: exponent of the poly schedule.
         warmup_steps: linear warm-up steps before the schedule.
-        eval_original_resolution: also compute test metrics at each image's original resolution (slower).
     """
 
     method_name = "base"
@@ -72,7 +71,6 @@ class SegmentationModule(L.LightningModule):
         schedule: Literal["poly", "cosine", "constant"] = "poly",
         poly_power: float = 0.9,
         warmup_steps: int = 0,
-        eval_original_resolution: bool = False,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -134,8 +132,8 @@ class SegmentationModule(L.LightningModule):
         target = batch["mask"].cpu().numpy()
         for i, sid in enumerate(batch["id"]):
             self._eval[sid] = image_metrics(pred[i], target[i])
-        if split == "test" and self.hparams.eval_original_resolution:
-            dm = self.trainer.datamodule
+        dm = self.trainer.datamodule
+        if split == "test" and getattr(getattr(dm, "hparams", None), "eval_original_resolution", False):
             for i, idx in enumerate(batch["index"].tolist()):
                 sample = dm.sample_by_index("test", idx)
                 orig = read_mask(sample.mask)

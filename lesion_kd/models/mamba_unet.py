@@ -34,17 +34,6 @@ __all__ = ["MambaUNet", "mamba_unet"]
 # Modules here take and return NCHW tensors whose memory is channels-last (see MambaUNet.encode).
 
 
-class ConvBNAct(nn.Sequential):
-    """conv(k, stride)-BN-ReLU; (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
-        )
-
-
 class Pointwise(nn.Linear):
     """1x1 convolution as a matrix product over channels-last memory; (B, C_in, H, W) -> (B, C_out, H, W).
 
@@ -56,19 +45,55 @@ class Pointwise(nn.Linear):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+class ConvBN(nn.Module):
+    """A convolution (``nn.Conv2d`` or :class:`Pointwise`) followed by BatchNorm; (B, C_in, H, W) -> (B, C_out, H', W').
+
+    In eval mode the BatchNorm is folded into the convolution's weight and bias (the same function,
+    one pass over the output instead of two): on CPU these small high-resolution layers are
+    memory-bound, so each full-size tensor that is not written counts.
+    """
+
+    def __init__(self, conv: nn.Conv2d | Pointwise) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(conv.out_channels if isinstance(conv, nn.Conv2d) else conv.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.bn.running_var is None:
+            return self.bn(self.conv(x))
+        bn = self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        bias = bn.bias - bn.running_mean * scale
+        if self.conv.bias is not None:
+            bias = bias + self.conv.bias * scale
+        if isinstance(self.conv, Pointwise):
+            return F.linear(x.permute(0, 2, 3, 1), self.conv.weight * scale[:, None], bias).permute(0, 3, 1, 2)
+        c = self.conv
+        return F.conv2d(x, c.weight * scale.view(-1, 1, 1, 1), bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+class ConvBNAct(nn.Sequential):
+    """conv(k, stride)-BN-ReLU; (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1) -> None:
+        super().__init__(
+            ConvBN(nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)),
+            nn.ReLU(inplace=True),
+        )
+
+
 class DSConvBlock(nn.Module):
-    """Residual depthwise-separable block: x + BN(pw(ReLU(BN(dw3x3(x))))), then ReLU; (B, C, H, W) -> same."""
+    """Residual depthwise-separable block: ReLU(x + BN(pw(ReLU(BN(dw3x3(x)))))); (B, C, H, W) -> same."""
 
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.dw = nn.Conv2d(ch, ch, 3, padding=1, groups=ch, bias=False)
-        self.bn1 = nn.BatchNorm2d(ch)
-        self.pw = Pointwise(ch, ch, bias=False)
-        self.bn2 = nn.BatchNorm2d(ch)
+        self.dw = ConvBN(nn.Conv2d(ch, ch, 3, padding=1, groups=ch, bias=False))
+        self.pw = ConvBN(Pointwise(ch, ch, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.dw(x)), inplace=True)
-        return F.relu(x + self.bn2(self.pw(y)), inplace=True)
+        out = self.pw(F.relu(self.dw(x), inplace=True))
+        out += x  # in place: one full-size tensor fewer (BN's backward does not need its output)
+        return F.relu(out, inplace=True)
 
 
 class PatchMerge(nn.Module):
@@ -103,11 +128,12 @@ class UpAdd(nn.Module):
 
     def __init__(self, deep_ch: int, skip_ch: int) -> None:
         super().__init__()
-        self.proj = nn.Sequential(Pointwise(deep_ch, skip_ch, bias=False), nn.BatchNorm2d(skip_ch))
+        self.proj = ConvBN(Pointwise(deep_ch, skip_ch, bias=False))
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(self.proj(deep), size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return up + skip
+        up += skip  # in place: interpolate's backward does not need its output
+        return up
 
 
 class VSSDecoderBlock(nn.Module):
