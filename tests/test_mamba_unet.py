@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lesion_kd.models import build_model, list_models
-from lesion_kd.models.mamba_unet import MambaUNet
+from lesion_kd.models.mamba_unet import ConvBN, MambaUNet, Pointwise
 from lesion_kd.models.vss import VSSBlock, scan_orders_to_sequence, sequence_to_scan_orders
 
 
@@ -153,3 +153,25 @@ def test_vss_block_exports_with_torch_export():
         assert not any("addcmul" in op for op in ops)
         assert len(ops) < 16 * 16  # far fewer ops than tokens
         torch.testing.assert_close(program.module()(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["conv3x3", "depthwise", "pointwise"])
+def test_batchnorm_folded_at_inference_equals_conv_then_batchnorm(kind):
+    torch.manual_seed(0)
+    conv = {
+        "conv3x3": torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=True),
+        "depthwise": torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False),
+        "pointwise": Pointwise(6, 5, bias=False),
+    }[kind]
+    layer = ConvBN(conv).double()
+    x = torch.randn(3, conv.in_channels if kind != "pointwise" else 6, 8, 8, dtype=torch.float64)
+    layer.train()
+    for _ in range(3):  # non-trivial running statistics
+        layer(x * 2 + 1)
+    torch.nn.init.normal_(layer.bn.weight)
+    torch.nn.init.normal_(layer.bn.bias)
+    layer.eval()
+    with torch.no_grad():
+        folded = layer(x)
+        reference = layer.bn(layer.conv(x))
+    torch.testing.assert_close(folded, reference, rtol=1e-10, atol=1e-10)
