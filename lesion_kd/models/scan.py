@@ -234,18 +234,17 @@ class SelectiveScanFn(torch.autograd.Function):
         return dt_raw, dt, ut, Bt, Ct, At
 
     @staticmethod
-    def _block_states(a, h, dt, dtu, At, Bt, h_in):
+    def _block_states(a, h, a_steps, h_steps, dt, dtu, At, Bt, h_in) -> None:
         """Fill a with exp(dt A) and h with the states of one block (both (m, b, g, n, d/g)), given the
-        entering state h_in (b, g, n, d/g); returns the per-step views."""
+        entering state h_in (b, g, n, d/g). ``a_steps`` / ``h_steps`` are per-step views of the
+        buffers, made once per call (``unbind`` per block would cost as much as the steps)."""
         m, bsz, g, n, dg = h.shape
         torch.mul(dt.view(m, bsz, g, 1, dg), At, out=a)
         a.exp_()
         torch.mul(Bt.view(m, bsz, g, n, 1), dtu.view(m, bsz, g, 1, dg), out=h)
-        h_steps, a_steps = h.unbind(0), a.unbind(0)
         h_steps[0].addcmul_(a_steps[0], h_in)
         for t in range(1, m):
             h_steps[t].addcmul_(a_steps[t], h_steps[t - 1])
-        return h_steps, a_steps
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, for_backward: bool = True):
@@ -263,16 +262,17 @@ class SelectiveScanFn(torch.autograd.Function):
         h_buf = dt.new_empty(lb, bsz, g, n, dg)
         # State entering each block: kept for backward (checkpoints); inference needs only a carry.
         entering = dt.new_zeros(len(starts) if for_backward else 1, bsz, g, n, dg)
+        a_steps, h_steps = a_buf.unbind(0), h_buf.unbind(0)
         y = dt.new_empty(L, bsz, d)
         for k, t0 in enumerate(starts):
             t1 = min(t0 + lb, L)
             m, mbg = t1 - t0, (t1 - t0) * bsz * g
             kk = k if for_backward else 0
-            h_steps, _ = SelectiveScanFn._block_states(
-                a_buf[:m], h_buf[:m], dt[t0:t1], dtu[t0:t1], At, Bt[t0:t1], entering[kk]
+            SelectiveScanFn._block_states(
+                a_buf[:m], h_buf[:m], a_steps, h_steps, dt[t0:t1], dtu[t0:t1], At, Bt[t0:t1], entering[kk]
             )
             if k + 1 < len(starts):
-                entering[kk + 1 if for_backward else 0].copy_(h_steps[-1])
+                entering[kk + 1 if for_backward else 0].copy_(h_steps[m - 1])
             # y_t = C_t . x_t for every (t, b, group) of the block: one batched (1 x N) @ (N x D/G).
             torch.bmm(Ct[t0:t1].view(mbg, 1, n), h_buf[:m].view(mbg, n, dg), out=y[t0:t1].view(mbg, 1, dg))
         if D is not None:
@@ -318,17 +318,17 @@ class SelectiveScanFn(torch.autograd.Function):
         d_dtu = dt.new_empty(L, bsz, d)
         ddt = dt.new_empty(L, bsz, d)
         dA_param = dt.new_zeros(g, n, dg)
+        a_steps, h_steps, g_steps = a_buf.unbind(0), h_buf.unbind(0), g_buf.unbind(0)
         starts = list(range(0, L, lb))
         for k in range(len(starts) - 1, -1, -1):
             t0 = starts[k]
             t1 = min(t0 + lb, L)
             m, mbg = t1 - t0, (t1 - t0) * bsz * g
             a, h, gh = a_buf[:m], h_buf[:m], g_buf[:m]
-            _, a_steps = SelectiveScanFn._block_states(a, h, dt[t0:t1], dtu[t0:t1], At, Bt[t0:t1], entering[k])
+            SelectiveScanFn._block_states(a, h, a_steps, h_steps, dt[t0:t1], dtu[t0:t1], At, Bt[t0:t1], entering[k])
             dy_k = dy[t0:t1]
             # Reverse recurrence for the state gradient, carried in from the block after.
             torch.mul(Ct[t0:t1].view(m, bsz, g, n, 1), dy_k.view(m, bsz, g, 1, dg), out=gh)
-            g_steps = gh.unbind(0)
             g_steps[m - 1].addcmul_(a_next, g_next)
             for t in range(m - 2, -1, -1):
                 g_steps[t].addcmul_(a_steps[t + 1], g_steps[t + 1])
