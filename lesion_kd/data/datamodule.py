@@ -104,6 +104,8 @@ class LesionDataModule(L.LightningDataModule):
         self.unlabeled: list[Sample] = []
         self.bad_samples: list[str] = []
         self.dataset_name = dataset
+        # set by a method that needs more per training sample (e.g. cached teacher embeddings); picklable
+        self.sample_extras = None
         self._ready = False
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -198,7 +200,7 @@ class LesionDataModule(L.LightningDataModule):
     def train_dataloader(self):
         hp = self.hparams
         tf = ViewPairTransform(self.augmentation)
-        labeled = ViewPairDataset(self.labeled, hp.image_size, tf, hp.cache_dir, labeled=True)
+        labeled = ViewPairDataset(self.labeled, hp.image_size, tf, hp.cache_dir, labeled=True, extras=self.sample_extras)
         loaders = {"labeled": self._loader(labeled, hp.labeled_batch_size, True)}
         if self._uses_unlabeled():
             if len(self.unlabeled) < hp.unlabeled_batch_size:
@@ -207,7 +209,7 @@ class LesionDataModule(L.LightningDataModule):
                     f"({len(self.unlabeled)} images)"
                 )
             unlabeled = ViewPairDataset(self.unlabeled, hp.image_size, ViewPairTransform(self.augmentation),
-                                        hp.cache_dir, labeled=False)
+                                        hp.cache_dir, labeled=False, extras=self.sample_extras)
             loaders["unlabeled"] = self._loader(unlabeled, hp.unlabeled_batch_size, True)
         return CombinedLoader(loaders, mode="max_size_cycle")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,9 @@ class ViewPairDataset(Dataset):
     """
 
     def __init__(self, samples: list[Sample], size: int, transform: ViewPairTransform, cache_dir: str | None = None,
-                 labeled: bool = True) -> None:
+                 labeled: bool = True, extras: Callable[[Sample], dict] | None = None) -> None:
         self.samples, self.size, self.transform, self.cache_dir, self.labeled = samples, size, transform, cache_dir, labeled
+        self.extras = extras  # per-sample additions (e.g. the cached teacher embedding), loaded in the workers
         self._seed: int | None = None
 
     def __len__(self) -> int:
@@ -44,7 +46,7 @@ class ViewPairDataset(Dataset):
             self._seed = seed
         c = load_canonical(self.samples[i], self.size, self.cache_dir)
         weak, strong, mask, theta = self.transform(c.image, c.mask if self.labeled else None)
-        return {
+        item = {
             "image_weak": to_tensor(weak),
             "image_strong": to_tensor(strong),
             "mask": torch.from_numpy(mask.astype(np.int64)),
@@ -52,6 +54,9 @@ class ViewPairDataset(Dataset):
             "index": i,
             "id": self.samples[i].id,
         }
+        if self.extras is not None:
+            item.update(self.extras(self.samples[i]))
+        return item
 
 
 class EvalDataset(Dataset):
