@@ -1,0 +1,38 @@
+"""SemiKD's loss terms as separate, individually tested units (the supervised loss lives in the method base).
+
+- ``pckd``: perturbation-consistent cross-architecture KD (``PCKDLoss``; its parts ``Projector``,
+  ``feature_map_loss``, ``FeaturePerturbation``, ``response_loss``; the ``FeatureKD`` ablation).
+- ``dss``: distribution-based self-supervision (``DSSLoss``; its parts ``class_balanced_consistency``,
+  ``DistributionAlignment``, ``contrast_loss``).
+"""
+
+from .dss import DistributionAlignment, DSSLoss, class_balanced_consistency, contrast_loss
+from .pckd import (
+    PCKD_MODES,
+    PERTURBATION_KINDS,
+    FeatureKD,
+    FeaturePerturbation,
+    PCKDLoss,
+    PerturbationDraw,
+    Projector,
+    feature_map_loss,
+    resize_features,
+    response_loss,
+)
+
+__all__ = [
+    "PCKD_MODES",
+    "PERTURBATION_KINDS",
+    "DSSLoss",
+    "DistributionAlignment",
+    "FeatureKD",
+    "FeaturePerturbation",
+    "PCKDLoss",
+    "PerturbationDraw",
+    "Projector",
+    "class_balanced_consistency",
+    "contrast_loss",
+    "feature_map_loss",
+    "resize_features",
+    "response_loss",
+]
