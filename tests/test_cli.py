@@ -132,3 +132,11 @@ def test_experiment_file_composes_data_method_and_profile(tmp_path):
     assert "dataset: busi" in out and "labeled_fraction: 0.2" in out and "max_steps: 3" in out
     assert "lesion_kd.methods.Supervised" in out
     assert expand_configs(["fit", "--config", str(REPO / "experiments/profile/smoke.yaml")])[-1].endswith("smoke.yaml")
+
+
+def test_supervised_fit_trains_the_mamba_student_by_name(tmp_path, data_dir):
+    out = lesion_kd("fit", *BASE, "--model.network", "mamba_unet", "--trainer.default_root_dir", str(tmp_path),
+                    env_extra={"LESION_KD_DATA": str(data_dir)})
+    run = run_dir_of(tmp_path)
+    assert "network: mamba_unet" in (run / "config.yaml").read_text()
+    assert json.loads((run / "metrics.json").read_text())["n_images"] == 8 and "metrics written to" in out.stdout
