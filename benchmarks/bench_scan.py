@@ -105,6 +105,11 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}")
     print(f"load average before: {tuple(round(x, 2) for x in os.getloadavg())}")
+    print(
+        "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)")
+        + ", OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)")
+        + f", {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
     print(f"batch {args.batch}, channels {args.channels}, state {args.state}, float32, "
           f"median of {args.repeats} after 1 warm-up\n")
     print("| L | implementation | forward s | forward+backward s | speed-up vs loop (fwd+bwd) |")

@@ -76,6 +76,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}")
     print(f"load average before: {tuple(round(v, 2) for v in os.getloadavg())}")
     print(
+        "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)")
+        + ", OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)")
+        + f", {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
+    print(
         f"input {args.batch}x3x{args.size}x{args.size}, float32; median of {args.rounds} alternating rounds "
         f"({args.infer_iters} inference batches, {args.train_iters} AdamW training steps each) after a warm-up\n"
     )

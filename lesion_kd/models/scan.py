@@ -394,8 +394,9 @@ def _chunked_linear_scan(log_a: torch.Tensor, x: torch.Tensor, chunk: int, min_l
     """All states of h_t = exp(log_a_t) h_{t-1} + x_t, h_{-1} = 0, along dim -2; (..., L, N) -> same.
 
     Within a chunk of T steps, with S the inclusive cumulative sum of log_a and M = S at the chunk's
-    middle step, h_t = exp(S_t - M) * cumsum_s(exp(M - S_s) x_s) + exp(S_t) h_start: a few vectorised
-    ops. Referencing the middle step bounds every exponent by min_log * T / 2. Log-decays below
+    middle step, h_t = exp(S_t - M) * (cumsum_s(exp(M - S_s) x_s) + exp(M) h_start): ten full-size
+    vectorised ops (clamp, cumsum, 2 sub, 2 exp, mul, cumsum, add, mul). Referencing the middle
+    step bounds every exponent by |min_log| * T / 2. Log-decays below
     ``min_log`` are raised to it: such a step keeps a fraction exp(min_log) of the previous state
     (1e-7 for float32), which is below the working precision, so this changes nothing measurable.
     The chunk-end states obey the same recurrence one level up (decay S_T, input h_T with zero start),
@@ -413,12 +414,15 @@ def _chunked_linear_scan(log_a: torch.Tensor, x: torch.Tensor, chunk: int, min_l
     S = la.cumsum(-2)
     mid = (T - 1) // 2
     M = S[..., mid : mid + 1, :]
-    local = torch.exp(S - M) * torch.cumsum(torch.exp(M - S) * xx, dim=-2)
+    e = torch.exp(S - M)
+    # exp(M - S), not 1 / e: the gradient of a division squares e, which overflows float32.
+    acc = torch.cumsum(torch.exp(M - S) * xx, dim=-2)
     if nc > 1:
-        ends = _chunked_linear_scan(S[..., -1, :], local[..., -1, :], chunk, min_log)  # (..., nc, N)
+        # Chunk ends with a zero start are e_T * acc_T; their own recurrence gives each chunk's start.
+        ends = _chunked_linear_scan(S[..., -1, :], e[..., -1, :] * acc[..., -1, :], chunk, min_log)  # (..., nc, N)
         start = F.pad(ends[..., :-1, :], (0, 0, 1, 0))  # state entering each chunk; zero for the first
-        local = local + torch.exp(S) * start.unsqueeze(-2)
-    h = local.flatten(-3, -2)
+        acc = acc + torch.exp(M) * start.unsqueeze(-2)  # M >= 4 min_log: exp(M) stays a normal float
+    h = (e * acc).flatten(-3, -2)
     return h[..., :L, :] if pad else h
 
 
