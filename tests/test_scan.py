@@ -167,6 +167,7 @@ def test_auto_backend_on_cpu_is_the_torch_recurrence():
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:FutureWarning")
 def test_tracing_uses_the_loop_free_chunked_path():
     """Traced, the scan has no per-step ops: its graph does not grow with L (the eager loop would
     unroll into one addcmul per step) and it computes the same values."""
