@@ -1,0 +1,229 @@
+"""``SemiKDModule``: the paper's method (Jia et al. 2026), as reconstructed in ``docs/method.md``.
+
+A frozen MedSAM/LiteMedSAM teacher (through its embedding cache) guides the student with
+
+    L = L_sup + lambda_kd(t) * L_pckd + lambda_dss(t) * L_dss,   lambda(t) = lambda * exp(-5 (1 - t/T)^2)
+
+- L_sup: 0.5 * (CE + Dice) on the labeled weak views;
+- L_pckd: perturbation-consistent cross-architecture KD on labeled and unlabeled weak views: the
+  teacher's embedding, warped onto each view with the view's recorded geometry, is mapped into the
+  student's deepest feature space (L_map) and both networks' responses to one shared perturbation draw
+  are aligned through the student's decoder (L_resp); ``kd_mode`` switches to L_map alone, plain FitNets
+  feature KD, or off (the ablation rows);
+- L_dss: distribution-based self-supervision on unlabeled weak/strong pairs: class-balanced consistency,
+  labeled/unlabeled distribution alignment, foreground/background feature contrast.
+
+Only the student (``net``) is needed after training: the teacher is never part of the module's state
+(nothing of it is saved in checkpoints), and the projector/regressor are training-only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from ..losses import DSSLoss, PCKDLoss
+from .base import SegmentationModule
+from .ramps import sigmoid_rampup
+
+
+class _CachedEmbedding:
+    """Picklable per-sample loader for the data-loader workers: {"teacher_emb": (256, 64, 64) float16}."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def __call__(self, sample) -> dict:
+        return {"teacher_emb": self.cache.get(sample)}
+
+
+class SemiKDModule(SegmentationModule):
+    """The paper's method: frozen MedSAM teacher -> Mamba student, three loss terms.
+
+    Args:
+        network: the student network (``mamba_unet``; any registered network works).
+        teacher: teacher backend, ``litemedsam`` (default, bundled weights) or ``medsam``.
+        teacher_checkpoint: checkpoint file of the ``medsam`` teacher (e.g. ``medsam_vit_b.pth``).
+        teacher_mode: ``cache`` (embeddings of the un-augmented images, computed once and warped onto each
+            view) or ``online`` (the teacher runs on every batch's views).
+        teacher_cache_dir: root of the teacher cache (default ``$LESION_KD_CACHE/teacher``).
+        lambda_kd: weight of L_pckd after the ramp.
+        lambda_dss: weight of L_dss after the ramp.
+        ramp_fraction: the ramp length T as a fraction of the run's total steps.
+        kd_mode: ``pckd`` (L_map + beta * L_resp), ``map`` (L_map only), ``featkd`` (plain FitNets feature
+            KD, the ablation alternative) or ``none`` (no distillation).
+        kd_on_unlabeled: distil on unlabeled views too (not only labeled ones).
+        beta: weight of L_resp inside L_pckd.
+        perturbation: shared perturbation of L_resp: ``noise``, ``channel_dropout``, ``feature_drop`` or ``none``.
+        perturbation_strength: its strength (noise amplitude a, or the dropout probability).
+        use_dss: switch L_dss on or off.
+        gamma2: weight of the distribution-alignment term inside L_dss.
+        gamma3: weight of the contrast term inside L_dss.
+        use_consistency: switch the class-balanced weak-to-strong consistency term.
+        use_alignment: switch the labeled/unlabeled distribution alignment term.
+        use_contrast: switch the foreground/background contrast term.
+        dss_momentum: momentum of the moving average of labeled statistics.
+    """
+
+    method_name = "semikd"
+    uses_unlabeled = True
+
+    def __init__(
+        self,
+        network: str = "mamba_unet",
+        network_kwargs: dict[str, Any] | None = None,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        optimizer: Literal["sgd", "adamw"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-2,
+        momentum: float = 0.9,
+        schedule: Literal["poly", "cosine", "constant"] = "cosine",
+        poly_power: float = 0.9,
+        warmup_steps: int = 0,
+        teacher: str = "litemedsam",
+        teacher_checkpoint: str | None = None,
+        teacher_mode: Literal["cache", "online"] = "cache",
+        teacher_cache_dir: str | None = None,
+        lambda_kd: float = 1.0,
+        lambda_dss: float = 1.0,
+        ramp_fraction: float = 0.3,
+        kd_mode: Literal["pckd", "map", "featkd", "none"] = "pckd",
+        kd_on_unlabeled: bool = True,
+        beta: float = 1.0,
+        perturbation: Literal["noise", "channel_dropout", "feature_drop", "none"] = "noise",
+        perturbation_strength: float = 0.3,
+        use_dss: bool = True,
+        gamma2: float = 0.1,
+        gamma3: float = 0.1,
+        use_consistency: bool = True,
+        use_alignment: bool = True,
+        use_contrast: bool = True,
+        dss_momentum: float = 0.99,
+    ) -> None:
+        super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
+                         schedule, poly_power, warmup_steps)
+        for name, v in (("lambda_kd", lambda_kd), ("lambda_dss", lambda_dss), ("beta", beta), ("gamma2", gamma2),
+                        ("gamma3", gamma3)):
+            if v < 0:
+                raise ValueError(f"model.{name}={v}: must be >= 0")
+        if not 0.0 <= ramp_fraction <= 1.0:
+            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        if teacher == "medsam" and teacher_checkpoint is None and kd_mode != "none":
+            raise ValueError("model.teacher_checkpoint: the medsam teacher needs a checkpoint file (e.g. medsam_vit_b.pth)")
+        self.pckd = (
+            PCKDLoss(self.net.feature_channels[-1], 256, mode=kd_mode, beta=beta, perturbation=perturbation,
+                     strength=perturbation_strength)
+            if kd_mode != "none" else None
+        )
+        self.dss = (
+            DSSLoss(gamma2, gamma3, use_consistency=use_consistency, use_alignment=use_alignment,
+                    use_contrast=use_contrast, momentum=dss_momentum)
+            if use_dss else None
+        )
+        # Kept out of the module tree on purpose: the teacher is frozen and never saved with the student.
+        self.__dict__["_teacher_source"] = None
+
+    # ----------------------------------------------------------------------------------- teacher
+    @property
+    def needs_teacher(self) -> bool:
+        return self.pckd is not None
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or not self.needs_teacher:
+            return
+        hp = self.hparams
+        dm = self.trainer.datamodule
+        if hp.teacher_mode == "online":
+            from ..teacher_cache import OnlineTeacherEmbeddings
+
+            src = OnlineTeacherEmbeddings(teacher_name=hp.teacher, checkpoint=hp.teacher_checkpoint)
+            src.teacher.to(self.device)
+            self.__dict__["_teacher_source"] = src
+            return
+        from ..teacher_cache import TeacherEmbeddingCache
+
+        samples = dm.labeled + (dm.unlabeled if hp.kd_on_unlabeled else [])
+        cache = TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dm.dataset_name)
+        strategy = self.trainer.strategy
+        # each process fills a disjoint share, then every process checks the whole set (cheap when done)
+        cache.fill(samples, rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+                   progress=self.trainer.is_global_zero)
+        strategy.barrier("teacher-cache")
+        cache.fill(samples, progress=False)
+        fresh = TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dm.dataset_name)
+        dm.sample_extras = _CachedEmbedding(fresh)  # a cache object without a built teacher pickles light
+
+    def _teacher_embeddings(self, views: torch.Tensor, part: dict) -> torch.Tensor:
+        """(B, 256, 64, 64) float32 teacher embeddings aligned with ``views`` (B, 3, S, S)."""
+        if "teacher_emb" in part:
+            from ..teacher_cache import aligned
+
+            return aligned(part["teacher_emb"], part["theta"], (64, 64))
+        src = self.__dict__["_teacher_source"]
+        if src is None:
+            raise RuntimeError("no teacher embeddings: the teacher cache was not set up (call fit through the CLI)")
+        with torch.no_grad():
+            return src.view_embeddings(None, views.float(), part["theta"], (64, 64))
+
+    # ---------------------------------------------------------------------------------- training
+    def ramp(self) -> float:
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        return sigmoid_rampup(self.global_step, self.hparams.ramp_fraction * total)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        lab, unl = batch["labeled"], batch.get("unlabeled")
+        n_lab = lab["image_weak"].shape[0]
+        use_unl = unl is not None and (self.dss is not None or (self.pckd is not None and hp.kd_on_unlabeled))
+
+        # one forward over labeled weak (+ unlabeled weak) views
+        weak = torch.cat([lab["image_weak"], unl["image_weak"]]) if use_unl else lab["image_weak"]
+        feats = self.net.encode(weak)
+        logits = self.net.decode(feats)
+        losses: dict[str, torch.Tensor] = {}
+        losses["sup"] = self.supervised_loss(logits[:n_lab], lab["mask"])
+        total = losses["sup"]
+        ramp = self.ramp()
+
+        if self.pckd is not None:
+            parts = [lab] + ([unl] if use_unl and hp.kd_on_unlabeled else [])
+            n_kd = sum(p["image_weak"].shape[0] for p in parts)
+            emb = torch.cat([self._teacher_embeddings(p["image_weak"], p) for p in parts]).to(feats[-1].dtype)
+            kd_feats = [f[:n_kd] for f in feats]
+            terms = self.pckd(kd_feats, emb, self.net.decode)
+            losses.update({f"kd_{k}": v for k, v in terms.items() if k != "pckd"})
+            losses["pckd"] = terms["pckd"]
+            total = total + hp.lambda_kd * ramp * terms["pckd"]
+
+        if self.dss is not None and use_unl:
+            logits_uw = logits[n_lab:]
+            logits_us, feat_us = self.net.decode(self.net.encode(unl["image_strong"]), return_features=True)
+            probs_l = torch.softmax(logits[:n_lab].detach().float(), dim=1)
+            terms = self.dss(logits_uw, logits_us, feat_us, probs_labeled=probs_l)
+            losses.update({f"dss_{k}": v for k, v in terms.items() if k != "dss"})
+            losses["dss"] = terms["dss"]
+            total = total + hp.lambda_dss * ramp * terms["dss"]
+
+        losses["loss"] = total
+        self.log("train/ramp", ramp, batch_size=n_lab)
+        self.log_losses(losses, batch_size=n_lab)
+        return total
+
+
+def load_student(ckpt_path: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The plain student network of any method's checkpoint (no teacher, projector or training code).
+
+    Loads with ``weights_only=True``: nothing pickled is executed.
+    """
+    from ..models import build_model
+
+    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    hp = ckpt.get("hyper_parameters", {})
+    net = build_model(hp.get("network", "unet"), in_channels=hp.get("in_channels", 3),
+                      num_classes=hp.get("num_classes", 2), **(hp.get("network_kwargs") or {}))
+    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net.load_state_dict(state, strict=True)
+    return net.eval()
