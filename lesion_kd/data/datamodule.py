@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from .datasets import EvalDataset, ImageFolderDataset, ViewPairDataset
 from .folder import Sample, scan_folder
 from .io import IMAGE_EXTENSIONS, DataError, atomic_write_bytes, read_image
+from .listing import read_listing, split_listing
 from .prep import prepare_samples
 from .registry import DATASETS, data_dir, random_split, split_file_name
 from .splits import SPLITS_DIR, load_or_write_splits
@@ -128,6 +129,13 @@ class LesionDataModule(L.LightningDataModule):
             )
             return name, root, samples, splits, str(split_path)
         root = Path(hp.root or name).expanduser()
+        if root.name.lower().endswith(".csv"):  # a CSV listing of image/mask paths (lesion_kd.data.listing)
+            samples, splits = read_listing(root)
+            if splits is not None:
+                return root.stem, root, samples, splits, f"split column of {root}"
+            grouped = "patient-grouped " if any(s.group for s in samples) else ""
+            splits = split_listing(samples, tuple(hp.split_fractions), hp.split_seed)
+            return root.stem, root, samples, splits, f"seeded {grouped}split of {root} (seed {hp.split_seed})"
         if not root.is_dir():
             known = ", ".join(sorted(DATASETS))
             raise DataError(f"data.dataset={name!r}: neither a known dataset ({known}) nor an existing folder")

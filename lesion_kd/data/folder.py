@@ -21,9 +21,11 @@ class Sample:
 def _index(folder: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
+        # match whole suffixes, not Path.suffix: "x.nii.gz" has the extension ".nii.gz" and the id "x"
+        ext = next((e for e in IMAGE_EXTENSIONS if p.name.lower().endswith(e)), None)
+        if p.name.startswith(".") or not p.is_file() or ext is None:
             continue
-        stem = p.stem
+        stem = p.name[: -len(ext)]
         for suffix in ("_mask", "_segmentation"):  # common mask-naming conventions
             if folder.name == "masks" and stem.endswith(suffix):
                 stem = stem[: -len(suffix)]

@@ -1,7 +1,9 @@
 """Reading images and masks of any common format into one canonical form, with errors that name the file.
 
 - ``read_image``: (H, W, 3) uint8 RGB. Gray is replicated, RGBA drops alpha, 16-bit (or float) images are
-  min-max scaled to 8 bits. Formats: whatever Pillow reads (PNG, JPEG, BMP, TIFF, ...), ``.npy``.
+  min-max scaled to 8 bits. Formats: whatever Pillow reads (PNG, JPEG, BMP, TIFF, ...), ``.npy``, and 2D
+  DICOM (``.dcm``) and NIfTI (``.nii``, ``.nii.gz``) through MONAI's readers (rows = image y, as in
+  SimpleITK and MedSAM's preprocessing).
 - ``read_mask``: (H, W) uint8 in {0, 1}. Accepts 0/1 and 0/255 masks (any two levels whose lower one is 0);
   anything else (grey levels, more than two values) is a :class:`DataError`.
 """
@@ -14,17 +16,58 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".npy")
+# ".nii.gz" has a double suffix: match names with ``name.lower().endswith(ext)``, never ``Path.suffix``.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".npy", ".dcm", ".nii",
+                    ".nii.gz")
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the problem."""
 
 
+def _open_medical(path: Path) -> np.ndarray:
+    """A 2D DICOM or NIfTI image as an (H, W) or (H, W, C) array, read with MONAI's readers."""
+    name = path.name.lower()
+    dicom = name.endswith(".dcm")
+    import importlib
+    import warnings
+
+    backend = "pydicom" if dicom else "nibabel"
+    try:  # MONAI imports these lazily and would fail only inside read(); ask first, for a clear message
+        importlib.import_module(backend)
+    except ImportError as e:
+        raise ImportError(f"{path}: reading {'DICOM' if dicom else 'NIfTI'} needs {backend} "
+                          f"(pip install {backend}; it is a dependency of lesion-kd)") from e
+    from monai.data import NibabelReader, PydicomReader
+
+    # swap_ij=False keeps DICOM's (rows, columns) order; NIfTI is stored (x, y) and is transposed below
+    reader = PydicomReader(swap_ij=False) if dicom else NibabelReader()
+    try:
+        with warnings.catch_warnings():
+            # a 2D secondary-capture DICOM has no patient geometry; the affine is not used here
+            warnings.filterwarnings("ignore", message=".*ImageOrientationPatient.*")
+            arr, _ = reader.get_data(reader.read(str(path)))
+    except Exception as e:  # noqa: BLE001 - pydicom/nibabel raise many types for a broken file
+        raise DataError(f"{path}: corrupt or unreadable {'DICOM' if dicom else 'NIfTI'} file ({e})") from e
+    arr = np.asarray(arr)
+    while arr.ndim > 2 and arr.shape[-1] == 1:  # (x, y, 1) NIfTI slices, (rows, cols, 1) DICOM
+        arr = arr[..., 0]
+    if not dicom and arr.ndim >= 2:
+        arr = np.swapaxes(arr, 0, 1)  # NIfTI (x, y[, c]) -> (rows = y, columns = x[, c])
+    if arr.ndim == 3 and arr.shape[2] not in (3, 4):
+        raise DataError(f"{path}: a 3D volume of shape {arr.shape}; only 2D images are read here "
+                        "(slice volumes with 'lesion-kd data prepare-msd')")
+    if arr.ndim not in (2, 3):
+        raise DataError(f"{path}: unsupported {'DICOM' if dicom else 'NIfTI'} shape {arr.shape} (expected a 2D image)")
+    return arr
+
+
 def _open_array(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if path.name.lower().endswith((".dcm", ".nii", ".nii.gz")):
+        return _open_medical(path)
     if path.suffix.lower() == ".npy":
         try:
             return np.load(path, allow_pickle=False)
@@ -87,7 +130,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(H, W) of an image file without decoding its pixels (header only for Pillow formats)."""
     path = Path(path)
-    if path.suffix.lower() == ".npy":
+    if path.name.lower().endswith((".npy", ".dcm", ".nii", ".nii.gz")):  # no cheap header path for these
         return tuple(_open_array(path).shape[:2])  # type: ignore[return-value]
     try:
         with Image.open(path) as im:
