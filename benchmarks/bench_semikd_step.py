@@ -1,0 +1,79 @@
+"""Training-step cost of the paper's method vs the supervised student (issue 5 target: at most 4x).
+
+Same process, same threads, same labeled batch: the full SemiKDModule step (labeled + unlabeled weak
+views, unlabeled strong views, L_sup + L_pckd + L_dss, teacher embeddings from the cache, i.e. (B, 256, 64,
+64) float16 tensors warped onto the views) against the supervised student's step (labeled weak views,
+L_sup). Forward + backward + AdamW step, median of N steps after warm-up.
+
+    python benchmarks/bench_semikd_step.py [--size 256] [--batch 8] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from lesion_kd.methods import SemiKDModule, Supervised
+
+
+def make_batch(b: int, size: int) -> dict:
+    def part(labeled: bool) -> dict:
+        return {
+            "image_weak": torch.rand(b, 3, size, size), "image_strong": torch.rand(b, 3, size, size),
+            "mask": (torch.rand(b, size, size) > 0.8).long() if labeled else torch.zeros(b, size, size, dtype=torch.long),
+            "theta": torch.eye(2, 3).repeat(b, 1, 1), "teacher_emb": torch.randn(b, 256, 64, 64).half(),
+            "index": torch.arange(b), "id": [str(i) for i in range(b)],
+        }
+
+    return {"labeled": part(True), "unlabeled": part(False)}
+
+
+def time_steps(module, batch: dict, steps: int, precision: str) -> float:
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    module.train()
+    times = []
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = module.training_step(batch, i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8, help="labeled (and unlabeled) batch size")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    batch = make_batch(args.batch, args.size)
+    sup = Supervised(network="mamba_unet")
+    full = SemiKDModule(network="mamba_unet", ramp_fraction=0.0)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    t_sup = time_steps(sup, batch, args.steps, args.precision)
+    t_full = time_steps(full, batch, args.steps, args.precision)
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
+          f"threads {torch.get_num_threads()}  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}  "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"| step ({args.batch} labeled + {args.batch} unlabeled, {args.size}x{args.size}, "
+          f"{args.precision}) | seconds | ratio |")
+    print("|---|---|---|")
+    print(f"| supervised student (labeled weak views only) | {t_sup:.3f} | 1.00 |")
+    print(f"| SemiKD full (L_sup + L_pckd + L_dss, cache on) | {t_full:.3f} | {t_full / t_sup:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
