@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import disk_image
 from PIL import Image
 
-from conftest import disk_image, make_folder_dataset
 from lesion_kd.data import DataError, LesionDataModule
-from lesion_kd.data.geometry import coordinate_map, fit_affine, warp_to_view
-from lesion_kd.data.registry import DATASETS, _kvasir_splits, _busi_splits
-from lesion_kd.data.transforms import AugmentationConfig, ViewPairTransform
 from lesion_kd.data.datasets import to_tensor
+from lesion_kd.data.geometry import coordinate_map, fit_affine, warp_to_view
+from lesion_kd.data.registry import DATASETS, _busi_splits, _kvasir_splits
+from lesion_kd.data.transforms import AugmentationConfig, ViewPairTransform
 
 REPO = Path(__file__).resolve().parents[1]
 

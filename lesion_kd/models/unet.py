@@ -78,7 +78,7 @@ class UNetDecoder(nn.Module):
 
     def forward(self, feats: list[torch.Tensor], return_features: bool = False):
         x = feats[-1]
-        for up, skip in zip(self.ups, feats[-2::-1]):
+        for up, skip in zip(self.ups, feats[-2::-1], strict=True):
             x = up(x, skip)
         logits = self.head(x)
         return (logits, x) if return_features else logits
