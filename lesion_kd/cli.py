@@ -25,6 +25,7 @@ LIGHTNING_COMMANDS = {
 }
 SUITE_COMMANDS: dict[str, tuple[str, str]] = {
     "cache-teacher": ("lesion_kd.commands.cache_teacher:main", "fill the teacher's embedding cache for a dataset"),
+    "data": ("lesion_kd.commands.data:main", "download and prepare public datasets, MSD tasks"),
 }
 
 HELP = """usage: lesion-kd COMMAND [options]
