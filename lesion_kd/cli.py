@@ -60,6 +60,9 @@ class LesionCLI(LightningCLI):
                             help="after fit, test the best checkpoint and write metrics.json")
         parser.add_argument("--wandb", type=bool, default=False,
                             help="also log to Weights & Biases (offline unless WANDB_API_KEY / WANDB_MODE say otherwise)")
+        parser.add_argument("--on_nonfinite", type=str, default="stop", choices=["stop", "skip"],
+                            help="a non-finite loss or gradient stops the run naming the term and step (stop), "
+                                 "or drops that step and counts it (skip)")
         parser.add_argument("--predict_output", type=str | None, default=None,
                             help="predict: folder for <id>_mask.png and <id>_overlay.png (default: predictions/ in the run directory)")
         parser.add_argument("--results_root", type=str | None, default=None,
@@ -87,6 +90,9 @@ class LesionCLI(LightningCLI):
         ckpt = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt or None)
         self._publish()
+
+    def before_fit(self) -> None:
+        self.model.on_nonfinite = self._sub().get("on_nonfinite", "stop")
 
     def before_predict(self) -> None:
         self.model.predict_output = self._sub().get("predict_output")

@@ -83,6 +83,8 @@ def test_invalid_options_name_themselves():
         module(lambda_kd=-1)
     with pytest.raises(ValueError, match="model.teacher_checkpoint"):
         module(teacher="medsam")
+    with pytest.raises(ValueError, match=r"model.teacher_checkpoint='/no/such/medsam_vit_b.pth': file not found"):
+        module(teacher="medsam", teacher_checkpoint="/no/such/medsam_vit_b.pth")
 
 
 def test_checkpoint_holds_no_teacher_and_loads_as_a_plain_student(tmp_path):

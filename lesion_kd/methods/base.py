@@ -84,6 +84,11 @@ class SegmentationModule(L.LightningModule):
         # where predict writes masks and overlays; set by the CLI's --predict_output (not a hyperparameter:
         # LightningCLI would restore the training run's value from the checkpoint)
         self.predict_output: str | None = None
+        # what a non-finite loss or gradient does: "stop" (raise, naming the term and step) or "skip" (drop
+        # the step, counted); set by the CLI's --on_nonfinite
+        self.on_nonfinite = "stop"
+        self.skipped_steps = 0
+        self._last_losses: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ model
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +127,36 @@ class SegmentationModule(L.LightningModule):
         raise NotImplementedError
 
     def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        self._last_losses = {k: v.detach() for k, v in losses.items()}
         for k, v in losses.items():
             self.log(f"train/{k}", v.detach(), batch_size=batch_size, prog_bar=k == "loss")
+
+    def _nonfinite(self) -> str | None:
+        """A message naming the first non-finite loss term or gradient of this step, else None."""
+        bad = [k for k, v in self._last_losses.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            terms = [k for k in bad if k != "loss"] or bad
+            return (f"non-finite loss at step {self.global_step}: term(s) {', '.join(terms)} = "
+                    f"{', '.join(str(float(self._last_losses[k])) for k in terms)}")
+        for name, p in self.named_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                return f"non-finite gradient at step {self.global_step} in parameter {name}"
+        return None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this after the closure (forward + backward), before optimizer.step().
+        problem = self._nonfinite()
+        if problem is None:
+            return
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(problem + " (use --on_nonfinite skip to drop such steps instead)")
+        for p in self.parameters():  # params without a gradient are left untouched by SGD/AdamW
+            p.grad = None
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        import warnings
+
+        warnings.warn(f"{problem}: step skipped ({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
 
     # ----------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict, split: str) -> None:

@@ -19,6 +19,7 @@ Only the student (``net``) is needed after training: the teacher is never part o
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -113,6 +114,8 @@ class SemiKDModule(SegmentationModule):
             raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
         if teacher == "medsam" and teacher_checkpoint is None and kd_mode != "none":
             raise ValueError("model.teacher_checkpoint: the medsam teacher needs a checkpoint file (e.g. medsam_vit_b.pth)")
+        if teacher_checkpoint is not None and not Path(teacher_checkpoint).expanduser().is_file():
+            raise ValueError(f"model.teacher_checkpoint={teacher_checkpoint!r}: file not found")
         self.pckd = (
             PCKDLoss(self.net.feature_channels[-1], 256, mode=kd_mode, beta=beta, perturbation=perturbation,
                      strength=perturbation_strength)
