@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from .datasets import EvalDataset, ImageFolderDataset, ViewPairDataset
 from .folder import Sample, scan_folder
-from .io import IMAGE_EXTENSIONS, DataError, atomic_write_bytes, read_image
+from .io import DataError, atomic_write_bytes, read_image, split_image_name
 from .listing import read_listing, split_listing
 from .prep import prepare_samples
 from .registry import DATASETS, data_dir, random_split, split_file_name
@@ -238,7 +238,7 @@ class LesionDataModule(L.LightningDataModule):
             return [p]
         if not p.is_dir():
             raise DataError(f"data.predict_input={src!r}: not a split name (train/val/test), file or folder")
-        paths = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS)
+        paths = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith(".") and split_image_name(q.name))
         if not paths:
             raise DataError(f"{p}: empty folder (no image files)")
         return paths

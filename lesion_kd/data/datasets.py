@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .folder import Sample
-from .io import read_image
+from .io import read_image, split_image_name
 from .prep import load_canonical, resize_image
 from .transforms import ViewPairTransform
 
@@ -87,4 +87,5 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         img = read_image(self.paths[i])
         return {"image": to_tensor(resize_image(img, self.size)), "orig_hw": torch.tensor(img.shape[:2]),
-                "path": os.fspath(self.paths[i]), "id": self.paths[i].stem, "index": i}
+                "path": os.fspath(self.paths[i]), "id": (split_image_name(self.paths[i].name) or (self.paths[i].stem,))[0],
+                "index": i}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import IMAGE_EXTENSIONS, DataError
+from .io import IMAGE_EXTENSIONS, DataError, split_image_name
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,10 @@ def _index(folder: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         # match whole suffixes, not Path.suffix: "x.nii.gz" has the extension ".nii.gz" and the id "x"
-        ext = next((e for e in IMAGE_EXTENSIONS if p.name.lower().endswith(e)), None)
-        if p.name.startswith(".") or not p.is_file() or ext is None:
+        parts = split_image_name(p.name)
+        if p.name.startswith(".") or not p.is_file() or parts is None:
             continue
-        stem = p.name[: -len(ext)]
+        stem = parts[0]
         for suffix in ("_mask", "_segmentation"):  # common mask-naming conventions
             if folder.name == "masks" and stem.endswith(suffix):
                 stem = stem[: -len(suffix)]

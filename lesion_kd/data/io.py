@@ -21,6 +21,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".
                     ".nii.gz")
 
 
+def split_image_name(name: str) -> tuple[str, str] | None:
+    """(id, extension) of an image file name, matching whole extensions ("x.nii.gz" -> ("x", ".nii.gz")),
+    or None when the name has no image extension."""
+    ext = next((e for e in IMAGE_EXTENSIONS if name.lower().endswith(e)), None)
+    return (name[: -len(ext)], ext) if ext is not None else None
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file and the problem."""
 

@@ -51,7 +51,7 @@ def random_split(samples: list[Sample], fractions: tuple[float, float, float] = 
     return _stratified_split(samples, fractions, seed)
 
 
-def _kvasir_samples(root: Path, include_normal: bool) -> list[Sample]:
+def _folder_samples(root: Path, include_normal: bool) -> list[Sample]:
     return scan_folder(root)
 
 
@@ -93,6 +93,11 @@ def _busi_splits(root: Path, samples: list[Sample], include_normal: bool) -> dic
     return _stratified_split(samples, (0.7, 0.1, 0.2), seed=0)
 
 
+def _seeded_splits(root: Path, samples: list[Sample], include_normal: bool) -> dict[str, list[str]]:
+    """70/10/20 with seed 0 (these datasets publish no standard split)."""
+    return _stratified_split(samples, (0.7, 0.1, 0.2), seed=0)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
@@ -104,12 +109,26 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "kvasir-seg": DatasetSpec(
-        "kvasir-seg", "Kvasir-SEG", _kvasir_samples, _kvasir_splits,
+        "kvasir-seg", "Kvasir-SEG", _folder_samples, _kvasir_splits,
         "Jha D, et al. Kvasir-SEG: A Segmented Polyp Dataset. MMM 2020, LNCS 11962, pp. 451-462.",
     ),
     "busi": DatasetSpec(
         "busi", "BUSI", _busi_samples, _busi_splits,
         "Al-Dhabyani W, et al. Dataset of breast ultrasound images. Data in Brief 2020;28:104863.",
+    ),
+    # Prepared by `lesion-kd data download NAME --to $LESION_KD_DATA` (docs/datasets.md); seeded splits.
+    "isic2018": DatasetSpec(
+        "isic2018", "ISIC2018", _folder_samples, _seeded_splits,
+        "Codella N, et al. Skin Lesion Analysis Toward Melanoma Detection 2018 (ISIC). arXiv:1902.03368; "
+        "Tschandl P, et al. The HAM10000 dataset. Sci Data 2018;5:180161.",
+    ),
+    "cvc-clinicdb": DatasetSpec(
+        "cvc-clinicdb", "CVC-ClinicDB", _folder_samples, _seeded_splits,
+        "Bernal J, et al. WM-DOVA maps for accurate polyp highlighting in colonoscopy. CMIG 2015;43:99-111.",
+    ),
+    "ph2": DatasetSpec(
+        "ph2", "PH2", _folder_samples, _seeded_splits,
+        "Mendonca T, et al. PH2 - A dermoscopic image database for research and benchmarking. EMBC 2013.",
     ),
 }
 
