@@ -36,6 +36,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check lesion_kd tests benchmarks
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.cuda
 
 clean-runs:
 	rm -rf runs
