@@ -1,0 +1,1 @@
+"""Tables (and later figures and the HTML report) from finished runs."""

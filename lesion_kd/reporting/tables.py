@@ -1,0 +1,65 @@
+"""Collect finished results (``<root>/<dataset>/<method>-<network>-<labels>pct-seed<k>/metrics.json``) into
+rows, and render them as Markdown with mean +- std over seeds."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+CELL = re.compile(r"^(?P<method>.+)-(?P<network>[^-]+)-(?P<labels>\d+)pct-seed(?P<seed>\d+)$")
+
+
+def collect(root: str | Path) -> list[dict]:
+    """One row per finished cell: dataset, method, network, labels (fraction), seed, and the metric means."""
+    rows = []
+    for metrics in sorted(Path(root).glob("*/*/metrics.json")):
+        m = CELL.match(metrics.parent.name)
+        if not m:
+            continue
+        doc = json.loads(metrics.read_text())
+        rows.append({
+            "dataset": metrics.parent.parent.name, "method": m["method"], "network": m["network"],
+            "labels": int(m["labels"]) / 100, "seed": int(m["seed"]),
+            **{k: doc[k]["mean"] for k in ("dice", "iou", "hd95", "asd")}, "n_images": doc["n_images"],
+        })
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of each (dataset, labels, method, network)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["labels"], r["method"], r["network"])].append(r)
+    out = []
+    for (dataset, labels, method, network), rs in sorted(groups.items()):
+        row = {"dataset": dataset, "labels": labels, "method": method, "network": network, "seeds": len(rs)}
+        for k in ("dice", "iou", "hd95", "asd"):
+            v = np.array([r[k] for r in rs])
+            row[f"{k}_mean"], row[f"{k}_std"] = float(v.mean()), float(v.std())
+        out.append(row)
+    return out
+
+
+def markdown(agg: list[dict]) -> str:
+    """Dice and IoU in %, distances in pixels; std over seeds shown when there is more than one seed."""
+    def fmt(r: dict, k: str, scale: float, digits: int) -> str:
+        s = f"{r[f'{k}_mean'] * scale:.{digits}f}"
+        return s + (f" +- {r[f'{k}_std'] * scale:.{digits}f}" if r["seeds"] > 1 else "")
+
+    lines = ["| dataset | labels | method | network | Dice % | IoU % | HD95 px | ASD px | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in agg:
+        lines.append(f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {r['method']} | {r['network']} | "
+                     f"{fmt(r, 'dice', 100, 2)} | {fmt(r, 'iou', 100, 2)} | {fmt(r, 'hd95', 1, 2)} | "
+                     f"{fmt(r, 'asd', 1, 2)} | {r['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m lesion_kd.reporting.tables experiments/results/cpu
+    import sys
+
+    print(markdown(aggregate(collect(sys.argv[1] if len(sys.argv) > 1 else "experiments/results/cpu"))))
