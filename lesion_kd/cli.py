@@ -46,6 +46,8 @@ class LesionCLI(LightningCLI):
     """LightningCLI with the suite's extras: best-by-val-Dice checkpoints, test after fit, W&B, results copy."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        from typing import Literal, Union
+
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -60,6 +62,15 @@ class LesionCLI(LightningCLI):
                             help="after fit, test the best checkpoint and write metrics.json")
         parser.add_argument("--wandb", type=bool, default=False,
                             help="also log to Weights & Biases (offline unless WANDB_API_KEY / WANDB_MODE say otherwise)")
+        parser.add_argument("--wandb_log_model", type=Union[bool, Literal["all"]], default=False,
+                            help="with --wandb: upload checkpoints as W&B artifacts at the end of training (true: the "
+                                 "best and last, aliased 'best'/'latest'; all: every checkpoint as it is saved)")
+        parser.add_argument("--wandb_num_images", type=int, default=4,
+                            help="with --wandb: log the first N validation images with predicted and ground-truth "
+                                 "masks at every validation (0: none)")
+        parser.add_argument("--record_train_ids", type=bool, default=False,
+                            help="write train_ids_rank<r>.json (the labeled and unlabeled image ids each process "
+                                 "trained on) into the run directory: checks data sharding under DDP")
         parser.add_argument("--on_nonfinite", type=str, default="stop", choices=["stop", "skip"],
                             help="a non-finite loss or gradient stops the run naming the term and step (stop), "
                                  "or drops that step and counts it (skip)")
@@ -73,15 +84,36 @@ class LesionCLI(LightningCLI):
         return self.config[self.subcommand] if self.subcommand else self.config
 
     def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
-        if self._sub().get("wandb"):
-            from lightning.pytorch.loggers import WandbLogger
+        import yaml
 
-            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        from .callbacks import (
+            TrainIdsRecorder,
+            WandbPredictionImages,
+            redact_secrets,
+            secret_safe_wandb_logger,
+        )
+
+        trainer = super().instantiate_trainer(**kwargs)
+        sub = self._sub()
+        extra: list = [TrainIdsRecorder()] if sub.get("record_train_ids") else []
+        if sub.get("wandb"):
+            # Offline unless credentials or an explicit mode say otherwise; a W&B sweep agent (WANDB_SWEEP_ID)
+            # may hold its key in ~/.netrc only, and its runs must report to the sweep's server.
+            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ and "WANDB_SWEEP_ID" not in os.environ:
                 os.environ["WANDB_MODE"] = "offline"
             dm = self.datamodule.hparams
-            name = f"{dm.dataset}-{self.model.method_name}-{self.model.hparams.network}-{dm.labeled_fraction}-seed{self._sub().get('seed_everything')}"
-            trainer.loggers = [*trainer.loggers, WandbLogger(name=name, save_dir=trainer.default_root_dir)]
+            dataset = Path(str(dm.dataset)).name.removesuffix(".csv")  # a user folder or listing: its name only
+            labels = f"{round(dm.labeled_fraction * 100)}pct"
+            name = f"{dataset}-{self.model.method_name}-{self.model.hparams.network}-{labels}-seed{sub.get('seed_everything')}"
+            # the resolved config (every option, defaults included) as the run config, secrets never written
+            config = yaml.safe_load(self._parser(self.subcommand).dump(sub, skip_none=False, format="yaml"))
+            config.pop("config", None)  # the --config file paths: the resolved values are what matters
+            logger = secret_safe_wandb_logger(name=name, save_dir=trainer.default_root_dir,
+                                              log_model=sub.get("wandb_log_model"), config=redact_secrets(config))
+            trainer.loggers = [*trainer.loggers, logger]
+            extra.append(WandbPredictionImages(sub.get("wandb_num_images")))
+        # before ModelCheckpoint, which Lightning keeps last
+        trainer.callbacks[0:0] = extra
         return trainer
 
     def after_fit(self) -> None:

@@ -1,0 +1,179 @@
+"""Lightning callbacks and W&B helpers of the ``lesion-kd`` command.
+
+- ``WandbPredictionImages``: a few fixed validation images with ground-truth and predicted masks, logged to
+  W&B at every validation epoch end (rank 0 only), so that one can watch the predictions improve;
+- ``TrainIdsRecorder``: an opt-in record of the training image ids each process saw
+  (``train_ids_rank{r}.json`` in the run directory), to check data sharding under DDP;
+- ``redact_secrets``, ``SecretSafeWandbLogger``, ``argv_has_secret``: no secret-looking value (an API key, a
+  token, the value of ``WANDB_API_KEY``) is ever written to W&B, neither in the run config, nor in the
+  hyperparameters Lightning logs, nor in the command line W&B records with the run's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+# Names of config keys / environment variables whose values must never reach a logger.
+SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential|private[_-]?key|auth)", re.IGNORECASE)
+REDACTED = "<redacted>"
+CLASS_LABELS = {0: "background", 1: "lesion"}
+
+
+def _secret_env_values() -> set[str]:
+    """Values of the environment variables named like secrets (WANDB_API_KEY, HF_TOKEN, ...)."""
+    # short values ("1", "true") are flags, not secrets: replacing them everywhere would garble the config
+    return {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}
+
+
+def redact_secrets(obj: Any, _secrets: set[str] | None = None) -> Any:
+    """A copy of ``obj`` (nested dicts/lists of plain values) with secret-looking values replaced.
+
+    A value is secret-looking when its key is named like a secret (``api_key``, ``token``, ``password``, ...)
+    or when it contains the value of such an environment variable (e.g. ``WANDB_API_KEY``).
+    """
+    secrets = _secret_env_values() if _secrets is None else _secrets
+    if isinstance(obj, dict):
+        return {k: REDACTED if isinstance(k, str) and SECRET_NAME.search(k) and obj[k] not in (None, "")
+                else redact_secrets(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_secrets(v, secrets) for v in obj]
+    if isinstance(obj, str) and any(s in obj for s in secrets):
+        return REDACTED
+    return obj
+
+
+def argv_has_secret(argv: list[str]) -> bool:
+    """Whether a command line holds a secret-looking value (W&B would record it with the run's metadata)."""
+    secrets = _secret_env_values()
+    for i, tok in enumerate(argv):
+        if any(v in tok for v in secrets):
+            return True
+        opt = tok.split("=", 1)[0]
+        if opt.startswith("-") and SECRET_NAME.search(opt) and ("=" in tok or i + 1 < len(argv)):
+            return True
+    return False
+
+
+def secret_safe_wandb_logger(**kwargs: Any):
+    """A ``WandbLogger`` (same arguments) that redacts secret-looking hyperparameters before logging them.
+
+    Lightning logs the model's and data module's hyperparameters itself (flat keys); they pass through
+    ``redact_secrets`` too. When the command line holds a secret, W&B's system metadata (which records the
+    command line) is switched off for the run.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    class SecretSafeWandbLogger(WandbLogger):
+        def log_hyperparams(self, params: Any) -> None:
+            from lightning.fabric.utilities.logger import _convert_params
+
+            super().log_hyperparams(redact_secrets(_convert_params(params)))
+
+    if argv_has_secret(sys.argv[1:]):
+        import wandb
+
+        kwargs["settings"] = wandb.Settings(x_disable_meta=True)
+    return SecretSafeWandbLogger(**kwargs)
+
+
+def find_wandb_logger(trainer: L.Trainer):
+    """The trainer's WandbLogger, or None."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+class WandbPredictionImages(Callback):
+    """Log the first ``num_images`` validation images with mask overlays to W&B at each validation epoch end.
+
+    The images are always the same (the first ids of the validation split), so successive epochs show how
+    the prediction on one image evolves. Each is a ``wandb.Image`` of the model-size input with two masks,
+    ``prediction`` and ``ground_truth`` (class labels background/lesion), under the key ``val/predictions``.
+    Runs on rank 0 only (a few forward passes outside the distributed validation loop); does nothing when
+    no WandbLogger is attached.
+
+    Args:
+        num_images: how many validation images to log.
+    """
+
+    def __init__(self, num_images: int = 4) -> None:
+        if num_images < 0:
+            raise ValueError(f"--wandb_num_images={num_images}: must be >= 0")
+        self.num_images = num_images
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.num_images or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        logger = find_wandb_logger(trainer)
+        if logger is None:
+            return
+        loader = trainer.val_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            warnings.warn("W&B prediction images: no validation dataset to draw images from; skipped", stacklevel=2)
+            return
+        items = [dataset[i] for i in range(min(self.num_images, len(dataset)))]
+        if not items or "mask" not in items[0]:
+            return
+        x = torch.stack([it["image"] for it in items]).to(pl_module.device)
+        # the plain module, not the DDP wrapper: only rank 0 runs this forward, no collective may happen
+        with torch.no_grad(), trainer.precision_plugin.val_step_context():
+            logits = pl_module(trainer.precision_plugin.convert_input(x))
+        preds = logits.float().argmax(1).cpu().numpy().astype(np.uint8)
+        images, masks, captions = [], [], []
+        for it, pred in zip(items, preds, strict=True):
+            img = (it["image"].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            images.append(img)
+            masks.append({
+                "prediction": {"mask_data": pred, "class_labels": CLASS_LABELS},
+                "ground_truth": {"mask_data": it["mask"].numpy().astype(np.uint8), "class_labels": CLASS_LABELS},
+            })
+            captions.append(str(it.get("id", "")))
+        logger.log_image(key="val/predictions", images=images, step=trainer.global_step, masks=masks, caption=captions)
+
+
+class TrainIdsRecorder(Callback):
+    """Record the ids of the labeled and unlabeled training images each process saw.
+
+    Writes ``train_ids_rank{r}.json`` (``{"rank", "world_size", "labeled": [...], "unlabeled": [...]}``, ids in
+    the order seen, repeats kept) into the run directory at the end of training. Enabled by
+    ``--record_train_ids true``; meant for checking that DDP shards both training streams.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[str]] = {"labeled": [], "unlabeled": []}
+        self.run_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # trainer.log_dir broadcasts from rank 0 (a collective), so every rank asks here, at the same point
+        self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        for stream in ("labeled", "unlabeled"):
+            part = batch.get(stream) if isinstance(batch, dict) else None
+            if part is not None and "id" in part:
+                self.seen[stream] += [str(i) for i in part["id"]]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.run_dir is None:
+            return
+        doc = {"rank": trainer.global_rank, "world_size": trainer.world_size, **self.seen}
+        path = self.run_dir / f"train_ids_rank{trainer.global_rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, path)
