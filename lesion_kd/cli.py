@@ -26,6 +26,7 @@ LIGHTNING_COMMANDS = {
 SUITE_COMMANDS: dict[str, tuple[str, str]] = {
     "cache-teacher": ("lesion_kd.commands.cache_teacher:main", "fill the teacher's embedding cache for a dataset"),
     "data": ("lesion_kd.commands.data:main", "download and prepare public datasets, MSD tasks"),
+    "sweep": ("lesion_kd.commands.sweep:main", "run a W&B sweep file locally (no W&B server): propose, run, tabulate"),
 }
 
 HELP = """usage: lesion-kd COMMAND [options]
