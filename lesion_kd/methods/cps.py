@@ -1,0 +1,103 @@
+"""CPS: two differently initialised networks teach each other with their hard pseudo-labels."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models import build_model
+from .base import SegmentationModule
+from .components import consistency_weight, split_batch
+
+InitScheme = Literal["kaiming", "xavier", "default"]
+
+
+def init_weights(net: nn.Module, scheme: InitScheme) -> nn.Module:
+    """Re-initialise ``net``'s Conv2d weights with ``kaiming`` (He normal) or ``xavier`` (Glorot normal),
+    BatchNorm weights to 1 and biases to 0, as SSL4MIS's ``kaiming_normal_init_weight`` /
+    ``xavier_normal_init_weight`` (conv biases and other layers keep their default init); ``default``
+    leaves the network as built."""
+    if scheme == "default":
+        return net
+    init = {"kaiming": nn.init.kaiming_normal_, "xavier": nn.init.xavier_normal_}[scheme]
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            init(m.weight)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def cross_pseudo_supervision(logits1: torch.Tensor, logits2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE(logits1, argmax logits2), CE(logits2, argmax logits1)) on (B, K, H, W) logits.
+
+    The pseudo-labels are hard and detached: each network learns from the other's decision, never
+    through it."""
+    y1 = logits1.detach().argmax(1)
+    y2 = logits2.detach().argmax(1)
+    return F.cross_entropy(logits1.float(), y2), F.cross_entropy(logits2.float(), y1)
+
+
+class CPS(SegmentationModule):
+    """Cross Pseudo Supervision (Chen et al., "Semi-supervised semantic segmentation with cross pseudo
+    supervision", CVPR 2021), as in SSL4MIS's ``train_cross_pseudo_supervision_2D.py``::
+
+        L = sum_{i=1,2} L_sup(f_i(x_l), y) + w(t) * [CE(f_1(u), argmax f_2(u)) + CE(f_2(u), argmax f_1(u))]
+        w(t) = 0.1 * exp(-5 (1 - t/T)^2)
+
+    Two copies of the configured network, initialised differently (SSL4MIS: He-normal for the first,
+    Glorot-normal for the second) and trained jointly by one optimiser (SSL4MIS: two SGD optimisers
+    with identical settings, the same thing). The paper's own weight is 1.5 with pseudo-supervision on
+    labeled images too; SSL4MIS's medical 2D recipe (followed here) uses 0.1 on unlabeled images.
+
+    Evaluation, checkpoint selection and deployment use the first network (``net``), as SSL4MIS reports
+    ``model1``; the second (``net2``) is training-only, though saved in checkpoints.
+
+    Args:
+        consistency: weight of the cross pseudo-supervision after the ramp (SSL4MIS: 0.1).
+        ramp_fraction: length T of the sigmoid ramp, as a fraction of the run's total steps (SSL4MIS: 1.0).
+        init1: initialisation of the first network's convolutions (``kaiming``, ``xavier`` or ``default``).
+        init2: initialisation of the second network's convolutions.
+        **kwargs: the base's arguments (network, optimiser, learning-rate schedule).
+    """
+
+    method_name = "cps"
+    uses_unlabeled = True
+
+    def __init__(
+        self,
+        consistency: float = 0.1,
+        ramp_fraction: float = 1.0,
+        init1: InitScheme = "kaiming",
+        init2: InitScheme = "xavier",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if consistency < 0:
+            raise ValueError(f"model.consistency={consistency}: must be >= 0")
+        if not 0.0 <= ramp_fraction <= 1.0:
+            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        hp = self.hparams
+        self.net2 = build_model(hp.network, in_channels=hp.in_channels, num_classes=hp.num_classes,
+                                **(hp.network_kwargs or {}))
+        init_weights(self.net, init1)
+        init_weights(self.net2, init2)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        lab, unl = split_batch(batch)
+        n = lab["mask"].shape[0]
+        x = torch.cat([lab["image_weak"], unl["image_weak"]])
+        logits1, logits2 = self.net(x), self.net2(x)
+        sup1 = self.supervised_loss(logits1[:n], lab["mask"])
+        sup2 = self.supervised_loss(logits2[:n], lab["mask"])
+        cps1, cps2 = cross_pseudo_supervision(logits1[n:], logits2[n:])
+        w = consistency_weight(self, hp.consistency, hp.ramp_fraction)
+        loss = sup1 + sup2 + w * (cps1 + cps2)
+        self.log("train/consistency_weight", w, batch_size=n)
+        self.log_losses({"loss": loss, "sup": sup1, "sup2": sup2, "cps": cps1, "cps2": cps2}, batch_size=n)
+        return loss
