@@ -57,6 +57,10 @@ def test_resumed_fit_restores_and_keeps_updating_the_ema_teacher(fitted, tmp_pat
     before = torch.load(last, map_location="cpu", weights_only=True)
     teacher_keys = [k for k in before["state_dict"] if k.startswith("teacher.module.") and k.endswith(".weight")]
     assert teacher_keys and before["global_step"] == 3
+    # the optimiser holds exactly the student's parameters (not the teacher's)
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    n_student = sum(1 for k in before["state_dict"] if k.startswith("net.") and not k.endswith(buffers))
+    assert sum(len(g["params"]) for g in before["optimizer_states"][0]["param_groups"]) == n_student
     lesion_kd("fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(last), "--trainer.max_steps", "5",
               "--test_after_fit", "false", "--trainer.default_root_dir", str(tmp_path),
               env_extra={"LESION_KD_DATA": str(data_dir)})

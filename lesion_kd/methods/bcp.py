@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -149,6 +149,6 @@ class BCP(SegmentationModule):
         self.log_losses({"loss": loss, "mix_dice": dice, "mix_ce": ce}, batch_size=a.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         if bool(self.teacher_ready):
             self.teacher.update_after_step(self.net, self.global_step, self.hparams.ema_decay, warmup=False)

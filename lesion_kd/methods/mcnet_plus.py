@@ -43,8 +43,9 @@ class MCNetPlus(SegmentationModule):
         w(t) = 0.1 * exp(-5 (1 - t/T)^2)
 
     on labeled and unlabeled images alike. E + D_1 is the configured U-Net (``net``; the reference
-    transposed-conv decoder), which is evaluated and deployed; D_2, D_3 are training-only decoders on the
-    same encoder. Supervision per decoder is the base's 0.5 * (CE + Dice); the authors' 2D script trains
+    transposed-conv decoder), which is evaluated and deployed, so that the row's network is the same
+    ``unet`` as the other baselines' (the authors evaluate their first decoder, the bilinear one); D_2, D_3
+    are training-only decoders on the same encoder. Supervision per decoder is the base's 0.5 * (CE + Dice); the authors' 2D script trains
     with 0.5 * Dice per decoder (it computes the CE but leaves it out of the loss).
 
     Args:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .base import SegmentationModule
@@ -75,5 +77,5 @@ class MeanTeacher(SegmentationModule):
         """mean (softmax f_s(u) - softmax f_t(u + n))^2 over the unlabeled batch, classes and pixels."""
         return softmax_mse(student_logits, self.teacher_probs(images)).mean()
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: Any, batch: dict, batch_idx: int) -> None:
         self.teacher.update_after_step(self.net, self.global_step, self.hparams.ema_decay)
