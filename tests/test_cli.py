@@ -116,10 +116,20 @@ def test_user_folder_trains_with_no_registry_entry(tmp_path):
 
 
 def test_two_process_cpu_ddp_fit(tmp_path, data_dir):
-    lesion_kd("fit", *BASE, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+    # 2 labeled images at 10% of 16: one per process, so a labeled batch of 1
+    lesion_kd("fit", *BASE, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.labeled_batch_size", "1",
               "--trainer.default_root_dir", str(tmp_path), env_extra={"LESION_KD_DATA": str(data_dir)})
-    m = json.loads((run_dir_of(tmp_path) / "metrics.json").read_text())
+    run = run_dir_of(tmp_path)
+    m = json.loads((run / "metrics.json").read_text())
     assert m["n_images"] == 8  # per-image metrics gathered from both ranks, duplicates collapsed
+    steps = [line.split(",")[1] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert "2" in steps  # it really trained (3 steps), not an epoch without batches
+
+
+def test_ddp_refuses_a_batch_larger_than_each_process_share(tmp_path, data_dir):
+    with pytest.raises(AssertionError, match=r"data.labeled_batch_size=2 is larger than each process's share"):
+        lesion_kd("fit", *BASE, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                  "--trainer.default_root_dir", str(tmp_path), env_extra={"LESION_KD_DATA": str(data_dir)})
 
 
 def test_experiment_file_composes_data_method_and_profile(tmp_path):

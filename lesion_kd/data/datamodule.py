@@ -205,8 +205,20 @@ class LesionDataModule(L.LightningDataModule):
             pin_memory=False,
         )
 
+    def _check_share(self, name: str, n: int, batch: int) -> None:
+        """Each DDP process gets ceil(n / world) images of a stream; a batch larger than that share would
+        give epochs without a single step (and a run that never reaches max_steps)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        share = -(-n // world)
+        if batch > share:
+            raise ValueError(
+                f"data.{name}_batch_size={batch} is larger than each process's share of the {name} set "
+                f"({share} of {n} images over {world} processes); lower the batch size or raise the fraction"
+            )
+
     def train_dataloader(self):
         hp = self.hparams
+        self._check_share("labeled", len(self.labeled), hp.labeled_batch_size)
         tf = ViewPairTransform(self.augmentation)
         labeled = ViewPairDataset(self.labeled, hp.image_size, tf, hp.cache_dir, labeled=True, extras=self.sample_extras)
         loaders = {"labeled": self._loader(labeled, hp.labeled_batch_size, True)}
@@ -216,6 +228,7 @@ class LesionDataModule(L.LightningDataModule):
                     f"data.unlabeled_batch_size={hp.unlabeled_batch_size} is larger than the unlabeled set "
                     f"({len(self.unlabeled)} images)"
                 )
+            self._check_share("unlabeled", len(self.unlabeled), hp.unlabeled_batch_size)
             unlabeled = ViewPairDataset(self.unlabeled, hp.image_size, ViewPairTransform(self.augmentation),
                                         hp.cache_dir, labeled=False, extras=self.sample_extras)
             loaders["unlabeled"] = self._loader(unlabeled, hp.unlabeled_batch_size, True)
