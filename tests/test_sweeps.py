@@ -115,6 +115,54 @@ def test_profile_swap_replaces_only_the_profile_config():
         sweep_cmd.swap_profile(cmd, "nope")
 
 
+FAKE_TRAINING = """
+import pathlib, sys
+args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+x = float(args["--x"])
+if x > 0.9:
+    sys.exit(3)
+run = pathlib.Path(sys.argv[sys.argv.index("--trainer.default_root_dir") + 1]) / "lightning_logs" / "version_0"
+run.mkdir(parents=True)
+(run / "metrics.csv").write_text(f"step,val/dice,train/loss\\n1,,0.5\\n2,{x / 2},\\n4,{x},\\n")
+"""
+
+
+def test_runner_records_failures_resumes_an_interrupted_run_and_stops_when_the_grid_is_exhausted(tmp_path, capsys):
+    """The local runner's bookkeeping, with a stand-in training script (no real training)."""
+    script = tmp_path / "train.py"
+    script.write_text(FAKE_TRAINING)
+    sweep = tmp_path / "grid.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "method": "grid", "metric": {"name": "val/dice", "goal": "maximize"}, "program": str(script),
+        "parameters": {"x": {"values": [0.2, 0.95, 0.6]}}, "command": ["${interpreter}", "${program}", "${args}"]}))
+    out = tmp_path / "out"
+    assert sweep_cmd.main([str(sweep), "--count", "2", "--out", str(out)]) == 0
+    res = [json.loads((out / f"run-00{i}" / "result.json").read_text()) for i in (1, 2)]
+    assert res[0]["state"] == "finished" and res[0]["metric_history"] == [0.1, 0.2] and res[0]["metric_best"] == 0.2
+    assert res[1]["state"] == "failed" and res[1]["returncode"] == 3 and "FAILED (exit 3)" in capsys.readouterr().out
+
+    # an interrupted run (proposal written, no result) is run again with its own parameters, nothing else
+    rec = json.loads((out / "run-002" / "proposal.json").read_text())
+    (out / "run-003").mkdir()
+    cmd = [c.replace("run-002", "run-003").replace("--x=0.95", "--x=0.6") for c in rec["command"]]
+    (out / "run-003" / "proposal.json").write_text(json.dumps({"run": "run-003", "values": {"x": 0.6}, "command": cmd}))
+    mtime = (out / "run-001" / "result.json").stat().st_mtime_ns
+    assert sweep_cmd.main([str(sweep), "--count", "5", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "run 3/5 run-003: x=0.6" in log and "the grid is exhausted after 3 runs" in log
+    assert (out / "run-001" / "result.json").stat().st_mtime_ns == mtime
+    with (out / "sweep_results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["state"], r["x"], r["val/dice (best)"]) for r in rows] == [
+        ("run-001", "finished", "0.2", "0.2"), ("run-002", "failed", "0.95", ""), ("run-003", "finished", "0.6", "0.6")]
+    assert "Best: run-003" in (out / "sweep_results.md").read_text()
+
+    # a sweep directory keeps one search space
+    sweep.write_text(sweep.read_text().replace("0.6", "0.7"))
+    with pytest.raises(SystemExit, match="different sweep config"):
+        sweep_cmd.main([str(sweep), "--count", "4", "--out", str(out)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.name)
 def test_every_proposed_command_line_is_accepted_by_the_cli(path, capsys, monkeypatch):
@@ -176,7 +224,7 @@ def test_local_sweep_runs_two_configs_offline_and_tabulates_them(tmp_path, data_
     # resumable: finished runs are not redone; a larger count proposes only the missing run
     logs = {p: p.stat().st_mtime_ns for p in out.glob("run-*/output.log")}
     again = lesion_kd(*args, env_extra=env).stdout
-    assert "2 finished run(s)" in again and "[sweep] run " not in again
+    assert "2 run(s) done (0 failed)" in again and "[sweep] run " not in again
     assert {p: p.stat().st_mtime_ns for p in out.glob("run-*/output.log")} == logs
     dry = lesion_kd(*args[:3], "3", *args[4:], "--dry_run", env_extra=env).stdout
     assert len([ln for ln in dry.splitlines() if ln.startswith("/usr/bin/env lesion-kd fit")]) == 1

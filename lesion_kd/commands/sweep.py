@@ -389,8 +389,9 @@ def main(argv: list[str]) -> int:
 
     records = collect(out)
     n_done = sum(1 for r in records if "result" in r)
-    print(f"[sweep] {cfg.get('name', out.name)}: {cfg['method']} search, {n_done} finished run(s) in {out}, "
-          f"target {args.count}", flush=True)
+    n_failed = sum(1 for r in records if r.get("result", {}).get("state") == "failed")
+    print(f"[sweep] {cfg.get('name', out.name)}: {cfg['method']} search, {n_done} run(s) done ({n_failed} failed) "
+          f"in {out}, target {args.count}", flush=True)
     failures = 0
     for rec in records:  # an interrupted run (proposal, no result) is run again with the same parameters
         if "result" not in rec and not args.dry_run:
