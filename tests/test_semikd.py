@@ -64,6 +64,15 @@ def test_each_ablation_config_switches_the_right_terms(row, kd, dss):
         assert m.pckd.mode == row
 
 
+def test_full_method_step_runs_under_bf16_autocast_on_cpu():
+    # the cpu profile trains in bf16-mixed: every term must have a bf16 CPU path
+    m = module()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m.training_step(batch(size=64), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
 def test_zero_weights_leave_exactly_the_supervised_loss():
     b = batch()
     torch.manual_seed(0)

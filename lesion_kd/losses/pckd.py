@@ -53,6 +53,9 @@ def resize_features(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
     down = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    if down and x.dtype in (torch.bfloat16, torch.float16):
+        # anti-aliased interpolation has no reduced-precision CPU kernel (bf16-mixed runs): resize in float32
+        return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=down)
 
 
