@@ -83,9 +83,12 @@ def test_deepest_feature_can_be_replaced_before_decoding(student):
     with torch.no_grad():
         feats = student.encode(torch.randn(1, 3, 64, 64))
         out = student.decode(feats)
-        replaced = student.decode(feats[:-1] + [torch.randn_like(feats[-1])])
+        projected = torch.randn(feats[-1].shape)  # plain NCHW memory, as a projector would give
+        replaced = student.decode(feats[:-1] + [projected])
+        replaced_cl = student.decode(feats[:-1] + [projected.contiguous(memory_format=torch.channels_last)])
     assert replaced.shape == out.shape
     assert not torch.allclose(replaced, out)
+    torch.testing.assert_close(replaced, replaced_cl)
 
 
 def test_constructor_keywords():

@@ -159,7 +159,8 @@ class MambaUNet(nn.Module):
 
     ``channels[i]`` is the width at stride 2**i; the last ``len(vss_depths)`` levels are VSS stages
     with ``vss_depths`` blocks each (encoder) and ``decoder_vss_depth`` blocks (decoder, except the
-    bottleneck, which has no decoder block).
+    bottleneck, which has no decoder block). It computes channels-last: ``encode``'s features are
+    NCHW tensors with channels-last memory; ``decode`` accepts either memory format.
     """
 
     def __init__(

@@ -15,7 +15,7 @@ Three implementations sit behind :func:`selective_scan`:
 
 * ``"cuda"``: mamba-ssm's fused kernel (optional extra ``pip install 'lesion-kd[cuda]'``).
 * the eager pure-PyTorch path: :class:`SelectiveScanFn`, an autograd Function that runs the
-  recurrence over a time-major contiguous (L, B, D, N) buffer (one in-place ``addcmul`` per step,
+  recurrence over time-major contiguous (L, B, G, N, D/G) blocks (one in-place ``addcmul_`` per step,
   no autograd bookkeeping per step) and whose hand-written backward is the reverse recurrence in the
   same layout. On CPU the per-step overhead and the memory layout dominate, not the arithmetic.
 * ``"chunked"``: :func:`selective_scan_chunked`, a loop-free formulation (log-space cumulative sums
@@ -470,8 +470,6 @@ def selective_scan_chunked(
 # --------------------------------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------------------------------
-_warned_fallback = False
-
 
 def selective_scan(
     u: torch.Tensor,
@@ -497,7 +495,6 @@ def selective_scan(
             chunked formulation while tracing or exporting); ``"cuda"``: the kernel, an error saying
             why and how to install it when it is unavailable; ``"chunked"``: the loop-free formulation.
     """
-    global _warned_fallback
     if backend not in _BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {_BACKENDS}")
     if backend == "cuda" or (backend == "auto" and u.is_cuda and not _is_tracing()):
@@ -507,13 +504,11 @@ def selective_scan(
         if backend == "cuda":
             why = reason if kernel is None else f"the tensors are on {u.device}, not on a CUDA device"
             raise RuntimeError(f"CUDA selective scan unavailable: {why}. {_INSTALL_HINT}")
-        if not _warned_fallback:  # auto on a GPU without the kernel: correct, but slower; say so once
-            warnings.warn(
-                f"mamba-ssm's CUDA kernel is unavailable ({reason}); using the pure-PyTorch scan. "
-                f"{_INSTALL_HINT}",
-                stacklevel=2,
-            )
-            _warned_fallback = True
+        # auto on a GPU without the kernel: correct, but slower; say so (Python shows it once per caller)
+        warnings.warn(
+            f"mamba-ssm's CUDA kernel is unavailable ({reason}); using the pure-PyTorch scan. {_INSTALL_HINT}",
+            stacklevel=2,
+        )
     if backend == "chunked" or _is_tracing():
         return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
