@@ -177,3 +177,24 @@ class TrainIdsRecorder(Callback):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, path)
+
+
+class CheckpointOnSigterm(Callback):
+    """Save ``last.ckpt`` when the run is stopped by SIGTERM (what SLURM sends before preemption).
+
+    Lightning turns SIGTERM into a ``SIGTERMException`` after the current batch, so the loop state is
+    consistent; this writes the checkpoint that ``--ckpt_path <run>/checkpoints/last.ckpt`` resumes from.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        ckpt_cb = trainer.checkpoint_callback
+        dirpath = getattr(ckpt_cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        path = Path(dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)  # written atomically (fsspec transaction); rank 0 writes
+        if trainer.is_global_zero:
+            print(f"SIGTERM: checkpoint saved to {path} at step {trainer.global_step}; resume with --ckpt_path {path}",
+                  flush=True)

@@ -88,6 +88,7 @@ class LesionCLI(LightningCLI):
         import yaml
 
         from .callbacks import (
+            CheckpointOnSigterm,
             TrainIdsRecorder,
             WandbPredictionImages,
             redact_secrets,
@@ -96,7 +97,7 @@ class LesionCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         sub = self._sub()
-        extra: list = [TrainIdsRecorder()] if sub.get("record_train_ids") else []
+        extra: list = [CheckpointOnSigterm()] + ([TrainIdsRecorder()] if sub.get("record_train_ids") else [])
         if sub.get("wandb"):
             # Offline unless credentials or an explicit mode say otherwise; a W&B sweep agent (WANDB_SWEEP_ID)
             # may hold its key in ~/.netrc only, and its runs must report to the sweep's server.
