@@ -221,9 +221,18 @@ def load_student(ckpt_path: str, map_location: str | torch.device = "cpu") -> nn
 
     Loads with ``weights_only=True``: nothing pickled is executed.
     """
+    import pickle
+
     from ..models import build_model
 
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{ckpt_path}: refused: the file holds pickled objects beyond tensors and plain containers, whose "
+            f"loading could run code ({str(e).splitlines()[0][:200]}). Load it only if you trust its source, "
+            "and re-save its state_dict."
+        ) from None
     hp = ckpt.get("hyper_parameters", {})
     net = build_model(hp.get("network", "unet"), in_channels=hp.get("in_channels", 3),
                       num_classes=hp.get("num_classes", 2), **(hp.get("network_kwargs") or {}))
