@@ -27,6 +27,8 @@ SUITE_COMMANDS: dict[str, tuple[str, str]] = {
     "cache-teacher": ("lesion_kd.commands.cache_teacher:main", "fill the teacher's embedding cache for a dataset"),
     "data": ("lesion_kd.commands.data:main", "download and prepare public datasets, MSD tasks"),
     "sweep": ("lesion_kd.commands.sweep:main", "run a W&B sweep file locally (no W&B server): propose, run, tabulate"),
+    "export": ("lesion_kd.commands.export:main", "export a checkpoint's student to ONNX or TorchScript, verified against PyTorch"),
+    "segment": ("lesion_kd.commands.segment:main", "masks, overlays and segments.csv for a folder of images (ONNX, TorchScript, .ckpt)"),
 }
 
 HELP = """usage: lesion-kd COMMAND [options]

@@ -1,0 +1,47 @@
+"""``lesion-kd segment``: masks, overlays and a CSV summary for a folder of images, from an exported student.
+
+    lesion-kd segment --model student.onnx --input photos/ --output masks/ [--tta] [--overwrite]
+
+--model is an ONNX file (run by onnxruntime, without torch or the training code), a TorchScript file or a
+lesion-kd checkpoint (run by torch). Writes <id>_mask.png (0/255, at each image's own size),
+<id>_overlay.png and segments.csv. Unreadable files are reported and skipped; the exit status is 1 when
+there were any. This module imports no torch or Lightning for an ONNX model: for that guarantee run it
+as ``python -m lesion_kd.commands.segment`` (``lesion-kd`` itself loads Lightning for its other commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lesion-kd segment", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="exported .onnx, TorchScript file, or a lesion-kd .ckpt")
+    p.add_argument("--input", required=True, help="an image file or a folder of images (not recursive)")
+    p.add_argument("--output", required=True, help="folder for <id>_mask.png, <id>_overlay.png and segments.csv")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: mean softmax over identity, h- and v-flip")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose mask or overlay exists (default: skip them)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--size", type=int, default=None,
+                   help="inference side S for dynamic-size models (default: the size recorded at export/training)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    from ..deploy.segment import open_model, segment_images
+
+    try:
+        predictor = open_model(args.model, size=args.size, threads=args.threads, device=args.device)
+        print(f"model: {predictor.describe()}")
+        summary = segment_images(args.input, args.output, predictor, tta=args.tta, overwrite=args.overwrite,
+                                 batch_size=args.batch_size, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lesion-kd segment: {e}", file=sys.stderr)
+        return 2
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

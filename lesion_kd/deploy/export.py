@@ -1,0 +1,345 @@
+"""Export the student network of any method checkpoint to ONNX or TorchScript, verified before it is written.
+
+Only the plain student is exported (:func:`lesion_kd.methods.semikd.load_student`: no teacher, projector
+or training code). Contract of the exported graph (also stored in the file, :mod:`.metadata`)::
+
+    image  float32 (batch, 3, S, S), RGB in [0, 1], no mean/std normalisation  ->  logits (batch, C, S, S)
+
+with a dynamic batch size and either a fixed S (default: the checkpoint's training image size) or, with
+``dynamic_size``, any height and width that are multiples of the network's stride (32 for the student).
+
+The Mamba student's selective scan is exported through its loop-free formulation (cumulative sums and
+exponentials over chunks of 8 steps, a fixed number of ops, no Loop/Scan node), in the shape-polymorphic,
+ONNX-Runtime-friendly variant of :mod:`.export_scan`. Before anything is written, the exported file is
+loaded back (onnxruntime, or ``torch.jit.load``) and its logits are compared with the eager PyTorch
+network's on random inputs (two batch sizes; several spatial sizes when the size is dynamic) and on real
+images; above ``tolerance`` (default 1e-4) the export is refused. The file is written to a temporary name
+beside ``out`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..data.io import IMAGE_EXTENSIONS, DataError, read_image
+from ..data.prep import resize_image
+from . import metadata as md
+from .export_scan import export_scan_formulation, levels_for
+
+__all__ = ["ExportError", "ExportReport", "checkpoint_image_size", "export_student", "find_verification_images"]
+
+FORMATS = ("onnx", "torchscript")
+DEFAULT_SIZE = 256
+# How the user installs what an export needs (torch.onnx's exporter needs onnxscript, verification needs
+# onnxruntime); these are dependencies of lesion-kd, so a missing one means a broken environment.
+_INSTALL = "pip install onnx onnxscript onnxruntime (they are dependencies of lesion-kd: pip install -e .)"
+
+
+class ExportError(RuntimeError):
+    """The export could not be made or did not match the eager network; nothing was written."""
+
+
+@dataclass
+class VerifyCheck:
+    """One verification input set: its name, shape, largest |logit difference| and pixel agreement of masks."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_diff: float
+    mask_agreement: float
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_student` wrote and how it was verified."""
+
+    path: Path
+    format: str
+    metadata: dict[str, str]
+    checks: list[VerifyCheck] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((c.max_abs_diff for c in self.checks), default=float("nan"))
+
+
+def _require(module: str, why: str):
+    """Import ``module`` or raise an ImportError that says how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{why} needs the '{module}' package, which is not installed: {_INSTALL}") from e
+
+
+def _load_checkpoint_hparams(ckpt: Path) -> tuple[dict, dict]:
+    """(model hyper-parameters, datamodule hyper-parameters) of a Lightning checkpoint, loaded safely."""
+    try:
+        raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a foreign or broken file
+        raise ExportError(f"--ckpt {ckpt}: not a readable lesion-kd checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(raw, dict) or "state_dict" not in raw:
+        raise ExportError(f"--ckpt {ckpt}: not a Lightning checkpoint (no state_dict)")
+    return dict(raw.get("hyper_parameters") or {}), dict(raw.get("datamodule_hyper_parameters") or {})
+
+
+def checkpoint_image_size(dm_hparams: dict, default: int = DEFAULT_SIZE) -> int:
+    """The training image size recorded in a checkpoint's datamodule hyper-parameters, else ``default``."""
+    size = dm_hparams.get("image_size")
+    return int(size) if isinstance(size, int | float) and size > 0 else default
+
+
+def _size_multiple(net: nn.Module) -> int:
+    """The factor every input side must be a multiple of (the network's total down-sampling)."""
+    stride = getattr(net, "stride", None)
+    if stride is None:  # the reference U-Net: one halving per level after the first
+        stride = 2 ** (len(getattr(net, "feature_channels", (0,) * 5)) - 1)
+    return int(stride)
+
+
+def find_verification_images(dm_hparams: dict, limit: int = 4) -> list[Path]:
+    """Up to ``limit`` images of the checkpoint's training dataset, when its folder can be found here."""
+    from ..data.registry import DATASETS, data_dir
+
+    dataset = str(dm_hparams.get("dataset") or "")
+    candidates: list[Path] = []
+    if dm_hparams.get("root"):
+        candidates.append(Path(str(dm_hparams["root"])).expanduser() / "images")
+    if dataset in DATASETS:
+        candidates.append(data_dir(dm_hparams.get("data_dir")) / DATASETS[dataset].folder / "images")
+    elif dataset:
+        candidates.append(Path(dataset).expanduser() / "images")
+    for folder in candidates:
+        if folder.is_dir():
+            files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+            if files:
+                return files[:limit]
+    return []
+
+
+def _expand_inputs(paths: Sequence[str | os.PathLike], limit: int = 8) -> list[Path]:
+    """Files given by --verify-input (folders contribute their first images)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS))[:limit]
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ExportError(f"--verify-input {p}: no such file or folder")
+    return out[:limit]
+
+
+def _image_batch(files: Sequence[Path], size: int) -> torch.Tensor:
+    """Real images as the network takes them: squashed to size x size, float [0, 1], (B, 3, S, S)."""
+    arrays = []
+    for f in files:
+        try:
+            arrays.append(resize_image(read_image(f), size))
+        except DataError as e:
+            raise ExportError(f"--verify-input: {e}") from e
+    x = np.stack(arrays).astype(np.float32) / 255.0
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def _verification_inputs(size: int, dynamic: bool, multiple: int, real: Sequence[Path]) -> list[tuple[str, torch.Tensor]]:
+    """Named input batches: random (batch 3 and 1, unlike the batch of 2 that is traced), real images, and
+    for a dynamic size also other, non-square sizes."""
+    g = torch.Generator().manual_seed(0)
+    sets = [("random", torch.rand(3, 3, size, size, generator=g)), ("random batch 1", torch.rand(1, 3, size, size, generator=g))]
+    if dynamic:
+        other = [(max(multiple, (size // 2) // multiple * multiple), size + 2 * multiple), (size + multiple, size)]
+        for h, w in other:
+            sets.append((f"random {h}x{w}", torch.rand(2, 3, h, w, generator=g)))
+    if real:
+        sets.append((f"real images ({len(real)})", _image_batch(real, size)))
+        if dynamic:
+            s2 = size + 2 * multiple
+            sets.append((f"real images at {s2}x{s2}", _image_batch(real, s2)))
+    return sets
+
+
+def _metadata(hp: dict, ckpt: Path, size: int, dynamic: bool, multiple: int) -> dict[str, str]:
+    return {
+        "lesion_kd_version": __version__,
+        "network": str(hp.get("network", "unet")),
+        "num_classes": str(hp.get("num_classes", 2)),
+        "in_channels": str(hp.get("in_channels", 3)),
+        "image_size": str(size),
+        "dynamic_size": "true" if dynamic else "false",
+        "size_multiple": str(multiple),
+        "input_normalisation": md.INPUT_NORMALISATION,
+        "input": md.INPUT_DESCRIPTION,
+        "output": md.OUTPUT_DESCRIPTION,
+        "source_checkpoint": ckpt.name,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _dynamic_shapes(dynamic: bool, max_size: int, multiple: int) -> tuple[dict, ...]:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dims: dict = {0: batch}
+    if dynamic:
+        hi = max(2, max_size // multiple)
+        dims[2] = multiple * torch.export.Dim("height_blocks", min=1, max=hi)
+        dims[3] = multiple * torch.export.Dim("width_blocks", min=1, max=hi)
+    return (dims,)
+
+
+def _export_onnx(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool, max_size: int, multiple: int,
+                 meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
+    """Write the ONNX file to ``tmp``; return a function running it in onnxruntime (for verification)."""
+    onnx = _require("onnx", "ONNX export")
+    _require("onnxscript", "ONNX export (torch.onnx's exporter)")
+    ort = _require("onnxruntime", "Verifying an ONNX export")
+    with export_scan_formulation(levels_for(max_size * max_size), polymorphic=dynamic), torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and fallback chatter
+        try:
+            program = torch.onnx.export(net, (example,), dynamo=True, input_names=[md.INPUT_NAME],
+                                        output_names=[md.OUTPUT_NAME], dynamic_shapes=_dynamic_shapes(dynamic, max_size, multiple),
+                                        optimize=True, verbose=False)
+        except Exception as e:  # noqa: BLE001 - torch.export/onnx raise many types; say which step failed
+            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e)[:2000]}") from e
+    model = program.model_proto
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(tmp))
+    options = ort.SessionOptions()
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    options.intra_op_num_threads = int(threads) if threads.isdigit() else 0
+    session = ort.InferenceSession(str(tmp), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {md.INPUT_NAME: x.numpy()})[0]
+
+
+def _export_torchscript(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool, max_size: int,
+                        meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
+    """Write the TorchScript file to ``tmp`` (metadata as the extra file lesion_kd.json); return a runner."""
+    with export_scan_formulation(levels_for(max_size * max_size), polymorphic=dynamic), torch.no_grad(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic is traced on purpose
+        try:
+            traced = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
+        except Exception as e:  # noqa: BLE001 - tracing raises many types; say which step failed
+            raise ExportError(f"torch.jit.trace failed: {type(e).__name__}: {str(e)[:2000]}") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": still the TorchScript format
+        torch.jit.save(traced, str(tmp), _extra_files={md.TORCHSCRIPT_METADATA_FILE: json.dumps(meta, indent=1)})
+        loaded = torch.jit.load(str(tmp), map_location="cpu")
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return loaded(x).float().numpy()
+
+    return run
+
+
+def export_student(
+    ckpt: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike,
+    size: int | None = None,
+    dynamic_size: bool = False,
+    max_size: int = 2048,
+    tolerance: float = 1e-4,
+    verify_inputs: Sequence[str | os.PathLike] | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportReport:
+    """Export the student of ``ckpt`` as ``fmt`` ("onnx" or "torchscript") to ``out``; see the module docstring.
+
+    Args:
+        size: the fixed input side (or, with ``dynamic_size``, the default inference size recorded in the
+            metadata); default: the checkpoint's training image size, else 256.
+        dynamic_size: accept any height and width that are multiples of the network's stride.
+        max_size: the largest side a dynamic-size export must handle correctly.
+        tolerance: the largest accepted |logit difference| to eager PyTorch.
+        verify_inputs: image files or folders for the real-image check (default: the checkpoint's
+            training dataset, when its folder is found).
+    """
+    t0 = time.perf_counter()
+    ckpt, out = Path(ckpt), Path(out)
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if not ckpt.is_file():
+        raise ExportError(f"--ckpt {ckpt}: file not found")
+    if tolerance <= 0:
+        raise ExportError(f"--tolerance {tolerance}: must be > 0")
+    hp, dm_hp = _load_checkpoint_hparams(ckpt)
+    from ..methods.semikd import load_student  # torch + the method classes; only the plain network is kept
+
+    net = load_student(str(ckpt), map_location="cpu").float().eval()
+    multiple = _size_multiple(net)
+    size = int(size) if size else checkpoint_image_size(dm_hp)
+    if size <= 0 or size % multiple:
+        raise ExportError(f"--size {size}: must be a positive multiple of {multiple} (the {hp.get('network')} stride)")
+    if dynamic_size and max_size < size:
+        raise ExportError(f"--max-size {max_size}: smaller than --size {size}")
+    real = _expand_inputs(verify_inputs) if verify_inputs else find_verification_images(dm_hp)
+    if not real:
+        log("warning: no real images found for verification (the checkpoint's dataset folder is not here); "
+            "verifying on random inputs only. Pass --verify-input DIR to check on real images.")
+    meta = _metadata(hp, ckpt, size, dynamic_size, multiple)
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))  # batch 2: 1 is specialised
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    report = ExportReport(out, fmt, meta)
+    try:
+        log(f"exporting {hp.get('network')} from {ckpt} to {fmt} "
+            f"({'dynamic size, default ' if dynamic_size else 'fixed size '}{size}x{size}, dynamic batch)")
+        if fmt == "onnx":
+            run = _export_onnx(net, tmp, example, dynamic_size, max_size, multiple, meta)
+        else:
+            run = _export_torchscript(net, tmp, example, dynamic_size, max_size, meta)
+        for name, x in _verification_inputs(size, dynamic_size, multiple, real):
+            with torch.no_grad():
+                ref = net(x).float().numpy()
+            got = run(x)
+            if got.shape != ref.shape:
+                raise ExportError(f"{out}: refusing to write: the export returned {got.shape} for {name}, eager {ref.shape}")
+            diff = float(np.abs(got - ref).max())
+            agree = float((got.argmax(1) == ref.argmax(1)).mean())
+            report.checks.append(VerifyCheck(name, tuple(x.shape), diff, agree))
+            log(f"  verify {name:<26} {str(tuple(x.shape)):<20} max |logit diff| {diff:.2e}   mask agreement {agree:.6f}")
+        if not report.max_abs_diff <= tolerance:  # also refuses NaN
+            raise ExportError(f"{out}: refusing to write: the export differs from eager PyTorch by "
+                              f"{report.max_abs_diff:.3e} > tolerance {tolerance:g} (max |logit difference|)")
+        meta.update(verified_max_abs_diff=f"{report.max_abs_diff:.3e}", verified_tolerance=f"{tolerance:g}")
+        if fmt == "onnx":  # the final metadata, then the rename: nothing half-written ever sits at `out`
+            onnx = _require("onnx", "ONNX export")
+            model = onnx.load(str(tmp))
+            for entry in model.metadata_props:
+                entry.value = meta.get(entry.key, entry.value)
+            for key in ("verified_max_abs_diff", "verified_tolerance"):
+                entry = model.metadata_props.add()
+                entry.key, entry.value = key, meta[key]
+            onnx.save(model, str(tmp))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                loaded = torch.jit.load(str(tmp), map_location="cpu")
+                torch.jit.save(loaded, str(tmp), _extra_files={md.TORCHSCRIPT_METADATA_FILE: json.dumps(meta, indent=1)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report.seconds = time.perf_counter() - t0
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; max |logit diff| {report.max_abs_diff:.2e} "
+        f"<= {tolerance:g}) in {report.seconds:.0f} s")
+    return report
