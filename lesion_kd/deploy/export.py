@@ -36,7 +36,7 @@ from .. import __version__
 from ..data.io import IMAGE_EXTENSIONS, DataError, read_image
 from ..data.prep import resize_image
 from . import metadata as md
-from .export_scan import export_scan_formulation, levels_for
+from .export_scan import export_scan_formulation, levels_for, longest_scan
 
 __all__ = ["ExportError", "ExportReport", "checkpoint_image_size", "export_student", "find_verification_images"]
 
@@ -201,19 +201,24 @@ def _dynamic_shapes(dynamic: bool, max_size: int, multiple: int) -> tuple[dict, 
 
 
 def _export_onnx(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool, max_size: int, multiple: int,
-                 meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
+                 levels: int, meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
     """Write the ONNX file to ``tmp``; return a function running it in onnxruntime (for verification)."""
     onnx = _require("onnx", "ONNX export")
     _require("onnxscript", "ONNX export (torch.onnx's exporter)")
     ort = _require("onnxruntime", "Verifying an ONNX export")
-    with export_scan_formulation(levels_for(max_size * max_size), polymorphic=dynamic), torch.no_grad(), \
+    with export_scan_formulation(levels, polymorphic=dynamic), torch.no_grad(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation and fallback chatter
+        # torch.export first, by hand: its error is then the real one (torch.onnx.export would retry other
+        # capture strategies and report the last failure), and it is much faster with symbolic sizes.
         try:
-            program = torch.onnx.export(net, (example,), dynamo=True, input_names=[md.INPUT_NAME],
-                                        output_names=[md.OUTPUT_NAME], dynamic_shapes=_dynamic_shapes(dynamic, max_size, multiple),
-                                        optimize=True, verbose=False)
-        except Exception as e:  # noqa: BLE001 - torch.export/onnx raise many types; say which step failed
+            exported = torch.export.export(net, (example,), dynamic_shapes=_dynamic_shapes(dynamic, max_size, multiple))
+        except Exception as e:  # noqa: BLE001 - torch.export raises many types; say which step failed
+            raise ExportError(f"torch.export failed: {type(e).__name__}: {str(e)[:2000]}") from e
+        try:
+            program = torch.onnx.export(exported, (example,), dynamo=True, input_names=[md.INPUT_NAME],
+                                        output_names=[md.OUTPUT_NAME], optimize=True, verbose=False)
+        except Exception as e:  # noqa: BLE001 - the ONNX translation raises many types; say which step failed
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e)[:2000]}") from e
     model = program.model_proto
     del model.metadata_props[:]
@@ -228,10 +233,10 @@ def _export_onnx(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool
     return lambda x: session.run(None, {md.INPUT_NAME: x.numpy()})[0]
 
 
-def _export_torchscript(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool, max_size: int,
+def _export_torchscript(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool, levels: int,
                         meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
     """Write the TorchScript file to ``tmp`` (metadata as the extra file lesion_kd.json); return a runner."""
-    with export_scan_formulation(levels_for(max_size * max_size), polymorphic=dynamic), torch.no_grad(), \
+    with export_scan_formulation(levels, polymorphic=dynamic), torch.no_grad(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic is traced on purpose
         try:
@@ -295,6 +300,8 @@ def export_student(
         log("warning: no real images found for verification (the checkpoint's dataset folder is not here); "
             "verifying on random inputs only. Pass --verify-input DIR to check on real images.")
     meta = _metadata(hp, ckpt, size, dynamic_size, multiple)
+    if dynamic_size:  # the scan's recursion depth covers sides up to this, no further
+        meta["max_size"] = str(max_size)
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))  # batch 2: 1 is specialised
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -302,10 +309,12 @@ def export_student(
     try:
         log(f"exporting {hp.get('network')} from {ckpt} to {fmt} "
             f"({'dynamic size, default ' if dynamic_size else 'fixed size '}{size}x{size}, dynamic batch)")
+        # recursion depth of the scan for a symbolic length: enough for max_size x max_size inputs
+        levels = levels_for(longest_scan(net, max_size, probe=2 * multiple)) if dynamic_size else 1
         if fmt == "onnx":
-            run = _export_onnx(net, tmp, example, dynamic_size, max_size, multiple, meta)
+            run = _export_onnx(net, tmp, example, dynamic_size, max_size, multiple, levels, meta)
         else:
-            run = _export_torchscript(net, tmp, example, dynamic_size, max_size, meta)
+            run = _export_torchscript(net, tmp, example, dynamic_size, levels, meta)
         for name, x in _verification_inputs(size, dynamic_size, multiple, real):
             with torch.no_grad():
                 ref = net(x).float().numpy()

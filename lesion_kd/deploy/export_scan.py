@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models import scan as _scan
 
-__all__ = ["export_scan_formulation", "levels_for", "selective_scan_export"]
+__all__ = ["export_scan_formulation", "levels_for", "longest_scan", "selective_scan_export"]
 
 CHUNK = 8
 
@@ -146,6 +148,29 @@ def selective_scan_export(
     if z is not None:
         y = y * F.silu(z.to(cd))
     return y.to(out_dtype)
+
+
+def longest_scan(net: nn.Module, side: int, probe: int = 64) -> int:
+    """The longest sequence any selective scan of ``net`` sees for a ``side`` x ``side`` input (0: no scan).
+
+    Traced once at ``probe`` x ``probe`` (cheap) and scaled by area: a VSS stage scans its h x w tokens.
+    It sets the recursion depth of a dynamic-size export (deeper than needed only costs a few tiny ops).
+    """
+    seen: list[int] = []
+    original = _scan.selective_scan_chunked
+
+    def record(u, *args, **kwargs):
+        seen.append(int(u.shape[-1]))
+        return original(u, *args, **kwargs)
+
+    _scan.selective_scan_chunked = record
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer chatter; this trace is thrown away
+            torch.jit.trace(net, torch.rand(1, 3, probe, probe), check_trace=False)
+    finally:
+        _scan.selective_scan_chunked = original
+    return math.ceil(max(seen) * (side / probe) ** 2) if seen else 0
 
 
 @contextlib.contextmanager

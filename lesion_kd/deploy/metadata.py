@@ -26,6 +26,7 @@ KEYS = (
     "image_size",
     "dynamic_size",
     "size_multiple",
+    "max_size",  # dynamic-size exports only: the largest side they are correct for
     "input_normalisation",
     "input",
     "output",

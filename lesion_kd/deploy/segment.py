@@ -91,7 +91,8 @@ def _env_threads() -> int:
     return int(value) if value.isdigit() else 0
 
 
-def _resolve_size(path: Path, size: int | None, default: int, fixed: int | None, multiple: int) -> int:
+def _resolve_size(path: Path, size: int | None, default: int, fixed: int | None, multiple: int,
+                  max_size: int | None = None) -> int:
     """The inference side S: the fixed one of the file, else ``size``, else the recorded default."""
     if fixed is not None:
         if size is not None and size != fixed:
@@ -101,6 +102,8 @@ def _resolve_size(path: Path, size: int | None, default: int, fixed: int | None,
     s = int(size) if size is not None else default
     if s <= 0 or s % multiple:
         raise ValueError(f"--size {s}: must be a positive multiple of {multiple} for {path.name}")
+    if max_size is not None and s > max_size:
+        raise ValueError(f"--size {s}: {path.name} was exported for sides up to {max_size} (export --max-size)")
     return s
 
 
@@ -145,7 +148,8 @@ class OnnxPredictor(Predictor):
             fixed = h
         out_shape = self.session.get_outputs()[0].shape
         classes = int(meta.get("num_classes") or (out_shape[1] if isinstance(out_shape[1], int) else 2))
-        size_ = _resolve_size(path, size, int(meta.get("image_size") or 256), fixed, int(meta.get("size_multiple") or 32))
+        size_ = _resolve_size(path, size, int(meta.get("image_size") or 256), fixed, int(meta.get("size_multiple") or 32),
+                              int(meta["max_size"]) if meta.get("max_size") else None)
         active = self.session.get_providers()[0]
         super().__init__(path, size_, classes, meta, "cuda" if active.startswith("CUDA") else "cpu")
 
@@ -189,7 +193,8 @@ class TorchPredictor(Predictor):
                 raise ValueError(f"{path}: neither .onnx, .ckpt nor a loadable TorchScript file ({e})") from e
             meta = json.loads(extra[md.TORCHSCRIPT_METADATA_FILE] or "{}")
             fixed = None if meta.get("dynamic_size", "true") == "true" else int(meta["image_size"])
-        size_ = _resolve_size(path, size, int(meta.get("image_size") or 256), fixed, int(meta.get("size_multiple") or 32))
+        size_ = _resolve_size(path, size, int(meta.get("image_size") or 256), fixed, int(meta.get("size_multiple") or 32),
+                              int(meta["max_size"]) if meta.get("max_size") else None)
         super().__init__(path, size_, int(meta.get("num_classes") or 2), {k: str(v) for k, v in meta.items()}, device)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
