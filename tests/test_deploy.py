@@ -80,6 +80,19 @@ def test_traced_student_uses_the_export_formulation_and_matches_eager():
             assert (traced(y) - net(y)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)])
+def test_fixed_size_export_of_a_deep_scan_matches_eager(fmt, tmp_path):
+    # 256x256: 256 tokens at stride 16, three levels of chunks (a depth that tracing must not cut short)
+    from lesion_kd.deploy.export import export_network, network_metadata
+    from lesion_kd.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("mamba_unet").eval()
+    out = tmp_path / ("s.pt" if fmt == "torchscript" else "s.onnx")
+    report = export_network(net, fmt, out, 256, network_metadata("mamba_unet", 256, net), log=lambda s: None)
+    assert out.is_file() and report.max_abs_diff <= 1e-4 and len(report.checks) == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # The inference core, with a numpy stand-in model (no export needed)
 # --------------------------------------------------------------------------------------------------

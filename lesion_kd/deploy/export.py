@@ -38,7 +38,8 @@ from ..data.prep import resize_image
 from . import metadata as md
 from .export_scan import export_scan_formulation, levels_for, longest_scan
 
-__all__ = ["ExportError", "ExportReport", "checkpoint_image_size", "export_student", "find_verification_images"]
+__all__ = ["ExportError", "ExportReport", "checkpoint_image_size", "export_network", "export_student", "find_verification_images",
+           "network_metadata"]
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_SIZE = 256
@@ -173,7 +174,8 @@ def _verification_inputs(size: int, dynamic: bool, multiple: int, real: Sequence
     return sets
 
 
-def _metadata(hp: dict, ckpt: Path, size: int, dynamic: bool, multiple: int) -> dict[str, str]:
+def _metadata(hp: dict, source: str, size: int, dynamic: bool, multiple: int) -> dict[str, str]:
+    """The file metadata (:mod:`.metadata`) from a checkpoint's model hyper-parameters ``hp``."""
     return {
         "lesion_kd_version": __version__,
         "network": str(hp.get("network", "unet")),
@@ -185,9 +187,15 @@ def _metadata(hp: dict, ckpt: Path, size: int, dynamic: bool, multiple: int) -> 
         "input_normalisation": md.INPUT_NORMALISATION,
         "input": md.INPUT_DESCRIPTION,
         "output": md.OUTPUT_DESCRIPTION,
-        "source_checkpoint": ckpt.name,
+        "source_checkpoint": source,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def network_metadata(network: str, size: int, net: nn.Module, num_classes: int = 2, dynamic: bool = False,
+                     source: str = "none (not from a checkpoint)") -> dict[str, str]:
+    """Metadata for :func:`export_network` of a network built by name (no checkpoint)."""
+    return _metadata({"network": network, "num_classes": num_classes}, source, size, dynamic, _size_multiple(net))
 
 
 def _dynamic_shapes(dynamic: bool, max_size: int, multiple: int) -> tuple[dict, ...]:
@@ -299,7 +307,35 @@ def export_student(
     if not real:
         log("warning: no real images found for verification (the checkpoint's dataset folder is not here); "
             "verifying on random inputs only. Pass --verify-input DIR to check on real images.")
-    meta = _metadata(hp, ckpt, size, dynamic_size, multiple)
+    meta = _metadata(hp, ckpt.name, size, dynamic_size, multiple)
+    log(f"exporting {hp.get('network')} from {ckpt} to {fmt} "
+        f"({'dynamic size, default ' if dynamic_size else 'fixed size '}{size}x{size}, dynamic batch)")
+    report = export_network(net, fmt, out, size, meta, dynamic_size, max_size, tolerance, real, log)
+    report.seconds = time.perf_counter() - t0
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; max |logit diff| {report.max_abs_diff:.2e} "
+        f"<= {tolerance:g}) in {report.seconds:.0f} s")
+    return report
+
+
+def export_network(
+    net: nn.Module,
+    fmt: str,
+    out: str | os.PathLike,
+    size: int,
+    meta: dict[str, str],
+    dynamic_size: bool = False,
+    max_size: int = 2048,
+    tolerance: float = 1e-4,
+    real: Sequence[Path] = (),
+    log: Callable[[str], None] = print,
+) -> ExportReport:
+    """Export an eval-mode network (any registered one) with metadata ``meta``: trace, verify, write atomically.
+
+    The core of :func:`export_student`, also used by the deployment benchmark for networks without a
+    checkpoint. ``real``: image files for the real-image check.
+    """
+    out = Path(out)
+    multiple = int(meta.get("size_multiple") or _size_multiple(net))
     if dynamic_size:  # the scan's recursion depth covers sides up to this, no further
         meta["max_size"] = str(max_size)
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))  # batch 2: 1 is specialised
@@ -307,10 +343,9 @@ def export_student(
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     report = ExportReport(out, fmt, meta)
     try:
-        log(f"exporting {hp.get('network')} from {ckpt} to {fmt} "
-            f"({'dynamic size, default ' if dynamic_size else 'fixed size '}{size}x{size}, dynamic batch)")
-        # recursion depth of the scan for a symbolic length: enough for max_size x max_size inputs
-        levels = levels_for(longest_scan(net, max_size, probe=2 * multiple)) if dynamic_size else 1
+        # Recursion depth of the scan wherever the length is not a plain int: under torch.export with a
+        # dynamic size, and always under torch.jit.trace (its shapes are traced values, not ints).
+        levels = levels_for(longest_scan(net, max_size if dynamic_size else size, probe=2 * multiple))
         if fmt == "onnx":
             run = _export_onnx(net, tmp, example, dynamic_size, max_size, multiple, levels, meta)
         else:
@@ -348,7 +383,4 @@ def export_student(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    report.seconds = time.perf_counter() - t0
-    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; max |logit diff| {report.max_abs_diff:.2e} "
-        f"<= {tolerance:g}) in {report.seconds:.0f} s")
     return report

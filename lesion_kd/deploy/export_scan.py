@@ -68,9 +68,10 @@ def _linear_scan(
     formulation): h_t = exp(S_t - M) * (sum_{s<=t} x_s / exp(S_s - M) + exp(M) h_start). Log-decays
     below ``min_log`` are raised to it, which bounds every exponent by 64 (the decay is then below
     float32 precision anyway). The chunk-end states follow the same recurrence one level up;
-    ``levels`` bounds the depth when the length is symbolic or ``polymorphic`` is set (a static
-    length otherwise recurses as far as it needs and pads only when it must). ``polymorphic`` is for
-    ``torch.jit.trace``, which sees plain ints and would bake the static decisions into the graph.
+    ``levels`` bounds the depth wherever the length is not a plain int (symbolic under torch.export
+    with a dynamic size; a traced value under ``torch.jit.trace``) or ``polymorphic`` is set; a plain
+    int length recurses as far as it needs and pads only when it must. ``polymorphic`` makes a
+    ``torch.jit.trace`` graph valid for other lengths (always pad; fixed depth).
     """
     L = x.shape[-1]
     T = chunk
