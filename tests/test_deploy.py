@@ -378,6 +378,7 @@ def test_dynamic_size_exports_run_at_other_sizes(exported, data_dir, tmp_path):
         proc = _cli("export", "--ckpt", str(exported["ckpt"]), "--format", fmt, "--out", str(tmp_path / name),
                     "--dynamic-size", "--max-size", "512", env=env)
         assert "verify random 32x128" in proc.stdout and "verify real images at 128x128" in proc.stdout, proc.stdout
+        assert "verify random 512x512" in proc.stdout and "verify random 160x224" in proc.stdout
         model = open_model(tmp_path / name, size=96, threads=1)
         assert model.image_size == 96
         assert model(np.random.default_rng(0).random((2, 3, 96, 160), np.float32)).shape == (2, 2, 96, 160)

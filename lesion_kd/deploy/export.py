@@ -159,15 +159,18 @@ def _image_batch(files: Sequence[Path], size: int) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
-def _verification_inputs(size: int, dynamic: bool, multiple: int, real: Sequence[Path]) -> list[tuple[str, torch.Tensor]]:
+def _verification_inputs(size: int, dynamic: bool, multiple: int, max_size: int,
+                         real: Sequence[Path]) -> list[tuple[str, torch.Tensor]]:
     """Named input batches: random (batch 3 and 1, unlike the batch of 2 that is traced), real images, and
-    for a dynamic size also other, non-square sizes."""
+    for a dynamic size also other, non-square sizes and the largest supported one."""
     g = torch.Generator().manual_seed(0)
     sets = [("random", torch.rand(3, 3, size, size, generator=g)), ("random batch 1", torch.rand(1, 3, size, size, generator=g))]
     if dynamic:
-        other = [(max(multiple, (size // 2) // multiple * multiple), size + 2 * multiple), (size + multiple, size)]
+        top = max_size // multiple * multiple
+        other = [(max(multiple, (size // 2) // multiple * multiple), size + 2 * multiple), (size + multiple, size),
+                 (size + 3 * multiple, size + 5 * multiple), (top, top)]
         for h, w in other:
-            sets.append((f"random {h}x{w}", torch.rand(2, 3, h, w, generator=g)))
+            sets.append((f"random {h}x{w}", torch.rand(1 if h * w > 4 * size * size else 2, 3, h, w, generator=g)))
     if real:
         sets.append((f"real images ({len(real)})", _image_batch(real, size)))
         if dynamic:
@@ -230,6 +233,9 @@ def _export_onnx(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool
                                         output_names=[md.OUTPUT_NAME], optimize=True, verbose=False)
         except Exception as e:  # noqa: BLE001 - the ONNX translation raises many types; say which step failed
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e)[:2000]}") from e
+    shape = program.model.graph.inputs[0].shape  # name the symbolic axes after what they are
+    names = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
+    program.rename_axes({shape[i]: name for i, name in names.items() if not isinstance(shape[i], int)})
     model = program.model_proto
     del model.metadata_props[:]
     for key, value in meta.items():
@@ -357,7 +363,7 @@ def export_network(
             run = _export_onnx(net, tmp, example, dynamic_size, max_size, multiple, levels, meta)
         else:
             run = _export_torchscript(net, tmp, example, dynamic_size, levels, meta)
-        for name, x in _verification_inputs(size, dynamic_size, multiple, real):
+        for name, x in _verification_inputs(size, dynamic_size, multiple, max_size, real):
             with torch.no_grad():
                 ref = net(x).float().numpy()
             got = run(x)

@@ -91,7 +91,13 @@ def _linear_scan(
         M = (la @ w_mid).squeeze(-1)  # (..., nc)
         end_minus_mid = (la @ w_rest).squeeze(-1)  # S_T - M
         end0 = torch.exp(end_minus_mid) * (q @ ones[:, None]).squeeze(-1)  # chunk-end state, zero start
-        ends = _linear_scan(M + end_minus_mid, end0, T, min_log, levels - 1, polymorphic)
+        if polymorphic:
+            # Chunk ends by recursive doubling: nested chunk levels would need nested size arithmetic
+            # (ceil of ceil of L / 8), on which torch.export adds guards that the ONNX graph then drops.
+            steps = (levels - 1) * round(math.log2(T))  # covers nc <= T**(levels - 1)
+            ends = _doubling_scan(M + end_minus_mid, end0, steps)
+        else:
+            ends = _linear_scan(M + end_minus_mid, end0, T, min_log, levels - 1, polymorphic)
         start = F.pad(ends[..., :-1], (1, 0))  # state entering each chunk; zero for the first
         carry = (torch.exp(M) * start).unsqueeze(-1)  # M >= 4 min_log: exp(M) stays a normal float
         # carry @ ones: the (..., nc, 1) -> (..., nc, T) broadcast as a K=1 GEMM (see the docstring)
@@ -100,6 +106,21 @@ def _linear_scan(
         acc = q @ upper
     h = (e * acc).flatten(-2)
     return h if static_pad and pad == 0 else h[..., :L]
+
+
+def _doubling_scan(log_a: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """All states of h_t = exp(log_a_t) h_{t-1} + x_t along the last dim, for L <= 2**steps, by recursive
+    doubling (Hillis-Steele): after step k each state holds the last 2**(k+1) inputs. Only shifts by
+    constants and slices to the input's own length: valid for any L without size arithmetic.
+    Needs log_a <= 0 (a decaying, stable recurrence, as in the VSS blocks), so that exp never overflows.
+    """
+    L = x.shape[-1]
+    for k in range(steps):
+        shift = 1 << k
+        x = x + torch.exp(log_a) * F.pad(x, (shift, 0))[..., :L]
+        if k + 1 < steps:
+            log_a = log_a + F.pad(log_a, (shift, 0))[..., :L]
+    return x
 
 
 def selective_scan_export(
