@@ -208,7 +208,7 @@ class LesionDataModule(L.LightningDataModule):
     def _check_share(self, name: str, n: int, batch: int) -> None:
         """Each DDP process gets ceil(n / world) images of a stream; a batch larger than that share would
         give epochs without a single step (and a run that never reaches max_steps)."""
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = getattr(self.trainer, "world_size", 1) if self.trainer is not None else 1
         share = -(-n // world)
         if batch > share:
             raise ValueError(
