@@ -28,12 +28,16 @@ def main(argv: list[str]) -> int:
                    help="inference side S for dynamic-size models (default: the size recorded at export/training)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
+    p.add_argument("--no-spin-wait", action="store_true",
+                   help="ONNX: idle worker threads sleep instead of spinning (much faster on a CPU busy with other jobs, "
+                        "slower on an idle one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from ..deploy.segment import open_model, segment_images
 
     try:
-        predictor = open_model(args.model, size=args.size, threads=args.threads, device=args.device)
+        predictor = open_model(args.model, size=args.size, threads=args.threads, device=args.device,
+                               spin_wait=not args.no_spin_wait)
         print(f"model: {predictor.describe()}")
         summary = segment_images(args.input, args.output, predictor, tta=args.tta, overwrite=args.overwrite,
                                  batch_size=args.batch_size, progress=not args.no_progress)

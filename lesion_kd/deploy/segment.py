@@ -112,7 +112,8 @@ class OnnxPredictor(Predictor):
 
     kind = "onnx"
 
-    def __init__(self, path: Path, size: int | None = None, threads: int | None = None, device: str = "auto") -> None:
+    def __init__(self, path: Path, size: int | None = None, threads: int | None = None, device: str = "auto",
+                 spin_wait: bool = True) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -120,6 +121,12 @@ class OnnxPredictor(Predictor):
         options = ort.SessionOptions()
         options.intra_op_num_threads = _env_threads() if threads is None else threads
         options.inter_op_num_threads = 1
+        if not spin_wait:
+            # Idle pool threads sleep instead of spin-waiting. On a CPU shared with other jobs a spinning
+            # thread that loses its core stalls every op (student at 256x256, 2 threads, one core busy
+            # elsewhere: 108 ms per image spinning, 31 ms not); on an idle CPU spinning is faster (15.5
+            # vs 25.8 ms). See benchmarks/README.md.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         if device == "cpu":
             providers = ["CPUExecutionProvider"]
@@ -212,18 +219,19 @@ class TorchPredictor(Predictor):
 
 
 def open_model(path: str | os.PathLike, size: int | None = None, threads: int | None = None,
-               device: str = "auto") -> Predictor:
+               device: str = "auto", spin_wait: bool = True) -> Predictor:
     """Open ``path`` by its kind: ``.onnx`` (onnxruntime), ``.ckpt`` (a lesion-kd checkpoint) or a TorchScript archive.
 
     ``size``: the inference side for dynamic-size models (default: the size recorded at export or
     training); ``threads``: CPU threads (default: $OMP_NUM_THREADS, else the runtime's choice);
-    ``device``: auto (a GPU when the runtime has one), cpu or cuda.
+    ``device``: auto (a GPU when the runtime has one), cpu or cuda; ``spin_wait``: let onnxruntime's idle
+    threads spin (fastest on a dedicated CPU; switch it off on a CPU shared with other jobs).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--model {path}: file not found")
     if path.suffix.lower() == ".onnx":
-        return OnnxPredictor(path, size, threads, device)
+        return OnnxPredictor(path, size, threads, device, spin_wait)
     if path.suffix.lower() == ".ckpt" or zipfile.is_zipfile(path):
         return TorchPredictor(path, size, threads, device)
     raise ValueError(f"--model {path}: unknown model file (expected .onnx, .ckpt or a TorchScript .pt archive)")
