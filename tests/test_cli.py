@@ -150,3 +150,9 @@ def test_supervised_fit_trains_the_mamba_student_by_name(tmp_path, data_dir):
     run = run_dir_of(tmp_path)
     assert "network: mamba_unet" in (run / "config.yaml").read_text()
     assert json.loads((run / "metrics.json").read_text())["n_images"] == 8 and "metrics written to" in out.stdout
+
+
+def test_the_command_entry_point_does_not_load_lightning_until_a_lightning_command_runs():
+    code = ("import sys; from lesion_kd.cli import main; main(['--help']); "
+            "assert 'lightning' not in sys.modules and 'lesion_kd.methods' not in sys.modules, 'loaded'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, timeout=120)

@@ -1,0 +1,135 @@
+"""LesionCLI: LightningCLI with the suite's extras (imported only for fit/validate/test/predict, so that
+the suite's own commands, e.g. ``segment`` from an ONNX file, run without Lightning or the training code)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from .data import LesionDataModule
+from .methods import SegmentationModule
+
+
+class LesionCLI(LightningCLI):
+    """LightningCLI with the suite's extras: best-by-val-Dice checkpoints, test after fit, W&B, results copy."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from typing import Literal, Union
+
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/dice",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="after fit, test the best checkpoint and write metrics.json")
+        parser.add_argument("--wandb", type=bool, default=False,
+                            help="also log to Weights & Biases (offline unless WANDB_API_KEY / WANDB_MODE say otherwise)")
+        parser.add_argument("--wandb_log_model", type=Union[bool, Literal["all"]], default=False,
+                            help="with --wandb: upload checkpoints as W&B artifacts at the end of training (true: the "
+                                 "best and last, aliased 'best'/'latest'; all: every checkpoint as it is saved)")
+        parser.add_argument("--wandb_num_images", type=int, default=4,
+                            help="with --wandb: log the first N validation images with predicted and ground-truth "
+                                 "masks at every validation (0: none)")
+        parser.add_argument("--record_train_ids", type=bool, default=False,
+                            help="write train_ids_rank<r>.json (the labeled and unlabeled image ids each process "
+                                 "trained on) into the run directory: checks data sharding under DDP")
+        parser.add_argument("--on_nonfinite", type=str, default="stop", choices=["stop", "skip"],
+                            help="a non-finite loss or gradient stops the run naming the term and step (stop), "
+                                 "or drops that step and counts it (skip)")
+        parser.add_argument("--predict_output", type=str | None, default=None,
+                            help="predict: folder for <id>_mask.png and <id>_overlay.png (default: predictions/ in the run directory)")
+        parser.add_argument("--results_root", type=str | None, default=None,
+                            help="copy metrics.json and the resolved config to "
+                                 "RESULTS_ROOT/<dataset>/<method>-<network>-<labels>pct-seed<k>/ (never checkpoints)")
+
+    def _sub(self):
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs):
+        import yaml
+
+        from .callbacks import (
+            CheckpointOnSigterm,
+            TrainIdsRecorder,
+            WandbPredictionImages,
+            redact_secrets,
+            secret_safe_wandb_logger,
+        )
+
+        trainer = super().instantiate_trainer(**kwargs)
+        sub = self._sub()
+        extra: list = [CheckpointOnSigterm()] + ([TrainIdsRecorder()] if sub.get("record_train_ids") else [])
+        if sub.get("wandb"):
+            # Offline unless credentials or an explicit mode say otherwise; a W&B sweep agent (WANDB_SWEEP_ID)
+            # may hold its key in ~/.netrc only, and its runs must report to the sweep's server.
+            if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ and "WANDB_SWEEP_ID" not in os.environ:
+                os.environ["WANDB_MODE"] = "offline"
+            dm = self.datamodule.hparams
+            dataset = Path(str(dm.dataset)).name.removesuffix(".csv")  # a user folder or listing: its name only
+            labels = f"{round(dm.labeled_fraction * 100)}pct"
+            name = f"{dataset}-{self.model.method_name}-{self.model.hparams.network}-{labels}-seed{sub.get('seed_everything')}"
+            # the resolved config (every option, defaults included) as the run config, secrets never written
+            config = yaml.safe_load(self._parser(self.subcommand).dump(sub, skip_none=False, format="yaml"))
+            config.pop("config", None)  # the --config file paths: the resolved values are what matters
+            logger = secret_safe_wandb_logger(name=name, save_dir=trainer.default_root_dir,
+                                              log_model=sub.get("wandb_log_model"), config=redact_secrets(config))
+            trainer.loggers = [*trainer.loggers, logger]
+            extra.append(WandbPredictionImages(sub.get("wandb_num_images")))
+        # before ModelCheckpoint, which Lightning keeps last
+        trainer.callbacks[0:0] = extra
+        return trainer
+
+    def after_fit(self) -> None:
+        if not self._sub().get("test_after_fit"):
+            return
+        ckpt = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt or None)
+        self._publish()
+
+    def before_fit(self) -> None:
+        self.model.on_nonfinite = self._sub().get("on_nonfinite", "stop")
+
+    def before_predict(self) -> None:
+        self.model.predict_output = self._sub().get("predict_output")
+
+    def after_test(self) -> None:
+        self._publish()
+
+    def _publish(self) -> None:
+        root = self._sub().get("results_root")
+        run_dir = Path(self.trainer.log_dir)  # a collective under DDP: every rank asks
+        if not root or not self.trainer.is_global_zero:
+            return
+        dm, model = self.datamodule, self.model
+        labels = round(dm.hparams.labeled_fraction * 100)
+        dest = Path(root) / dm.dataset_name / (
+            f"{model.method_name}-{model.hparams.network}-{labels}pct-seed{self._sub().get('seed_everything')}"
+        )
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.json", "config.yaml", "metrics_original_resolution.json"):
+            if (run_dir / name).is_file():
+                tmp = dest / f".{name}.tmp"
+                shutil.copyfile(run_dir / name, tmp)
+                os.replace(tmp, dest / name)
+        print(f"results copied to {dest}")
+
+
+def run_lightning(args: list[str] | None) -> None:
+    LesionCLI(
+        SegmentationModule,
+        LesionDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        parser_kwargs={"default_env": False},
+    )
