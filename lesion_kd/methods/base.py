@@ -21,21 +21,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from ..data.io import atomic_write_bytes, read_mask, write_png
+from ..deploy.segment import overlay  # one overlay for predict and segment
 from ..metrics import METRICS, image_metrics, summarize
 from ..models import build_model
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 0), alpha: float = 0.45) -> np.ndarray:
-    """(H, W, 3) uint8 image with a translucent ``mask`` (H, W) and its outline drawn on it."""
-    import cv2
-
-    out = image.astype(np.float32).copy()
-    m = mask > 0
-    out[m] = (1 - alpha) * out[m] + alpha * np.array(color, np.float32)
-    out = out.clip(0, 255).astype(np.uint8)
-    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, contours, -1, color, max(1, round(min(mask.shape) / 200)))
-    return out
 
 
 class SegmentationModule(L.LightningModule):
