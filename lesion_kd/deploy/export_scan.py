@@ -150,7 +150,7 @@ def selective_scan_export(
     g = B.shape[1] if B.dim() == 4 else 1
     dg = d // g
     out_dtype = u.dtype
-    cd = torch.float32 if u.dtype in (torch.float16, torch.bfloat16) else u.dtype
+    cd = _scan._compute_dtype(u.dtype)  # the training formulation's accumulation dtype
     u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
     if delta_bias is not None:
         delta = delta + delta_bias.to(cd)[:, None]
@@ -162,7 +162,7 @@ def selective_scan_export(
     log_a = delta.reshape(b, g, dg, 1, L) * A.reshape(g, dg, n, 1)  # (b, g, dg, n, L)
     x = (delta * u).reshape(b, g, dg, 1, L) * B.reshape(b, g, 1, n, L)
     # Bound every in-chunk exponent |S_t - M| by 64 (float32), as the training formulation does.
-    min_log = -(600.0 if cd == torch.float64 else 64.0) / max(1, (chunk - 1) - (chunk - 1) // 2)
+    min_log = -_scan._max_exponent(cd) / max(1, (chunk - 1) - (chunk - 1) // 2)
     h = _linear_scan(log_a, x, chunk, min_log, levels, polymorphic)
     y = (h * C.reshape(b, g, 1, n, L)).sum(-2).reshape(b, d, L)
     if D is not None:
