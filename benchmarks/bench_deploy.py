@@ -177,11 +177,9 @@ CONFIGS = [
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from machine import cpu_model
+
+    cpu = cpu_model()
     import onnxruntime
     import torch
 

@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model
 
 from lesion_kd.models.scan import selective_scan, selective_scan_chunked, selective_scan_ref
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def mambapy_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True):

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
+from machine import cpu_model
 
 from lesion_kd.methods import SemiKDModule, Supervised
 
@@ -65,7 +65,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*self.log.*")
     t_sup = time_steps(sup, batch, args.steps, args.precision)
     t_full = time_steps(full, batch, args.steps, args.precision)
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu_model()}  torch {torch.__version__}  "
           f"threads {torch.get_num_threads()}  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}  "
           f"load {os.getloadavg()[0]:.2f}")
     print(f"| step ({args.batch} labeled + {args.batch} unlabeled, {args.size}x{args.size}, "

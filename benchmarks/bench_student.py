@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from lesion_kd.models import build_model
 
 MODELS = {"mamba_unet (student)": "mamba_unet", "unet (SSL4MIS)": "unet"}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def gflops(model: torch.nn.Module, size: int) -> float:
