@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..losses import DSSLoss, PCKDLoss
 from .base import SegmentationModule
-from .ramps import sigmoid_rampup
+from .components import ramp
 
 
 class _CachedEmbedding:
@@ -173,8 +173,7 @@ class SemiKDModule(SegmentationModule):
 
     # ---------------------------------------------------------------------------------- training
     def ramp(self) -> float:
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        return sigmoid_rampup(self.global_step, self.hparams.ramp_fraction * total)
+        return ramp(self, self.hparams.ramp_fraction)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
