@@ -7,7 +7,9 @@
 - feature perturbations: CCT's/URPC's noise, dropout and feature drop are
   :class:`~lesion_kd.losses.pckd.FeaturePerturbation` kinds (re-exported here, not re-implemented);
 - copy-paste mixing (BCP): :func:`box_mask`, :func:`copy_paste`, :func:`largest_component`,
-  :func:`masked_dice_ce`.
+  :func:`masked_dice_ce`;
+- the other side of a min-max game (SASSNet's discriminator, CauSSL's weight predictors):
+  :class:`AuxiliaryOptimizer`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..losses.pckd import FeaturePerturbation
 from .ramps import sigmoid_rampup
 
 __all__ = [
+    "AuxiliaryOptimizer",
     "EMATeacher",
     "FeaturePerturbation",
     "box_mask",
@@ -253,3 +256,76 @@ def masked_dice_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 def perturbed(feats: Sequence[torch.Tensor], perturbation: FeaturePerturbation) -> list[torch.Tensor]:
     """A fresh draw of ``perturbation`` applied to each feature map (CCT perturbs every encoder level)."""
     return [perturbation(f) for f in feats]
+
+
+# ------------------------------------------------------- auxiliary optimisers (SASSNet, CauSSL)
+class AuxiliaryOptimizer:
+    """The private optimiser of a training-only module that plays the other side of a min-max game
+    (SASSNet's discriminator, CauSSL's weight predictors), stepped inside the method, not by Lightning.
+
+    The module's parameters get ``requires_grad=False`` here, so the base's optimiser (which takes
+    trainable parameters only) never sees them, DDP reduces nothing for them, and the networks' losses
+    reach them through no path: in the networks' objective they are constants. :meth:`step` then runs the
+    module's own objective on differentiable copies of its parameters (``torch.autograd.grad``, which
+    leaves ``.grad`` of every other tensor untouched and fires no DDP hook), averages the gradients
+    over DDP processes (an all-reduce: every process must call ``step`` equally often), and lets the
+    optimiser step. A step whose gradient is not finite is dropped (and returns the non-finite loss, which
+    the method logs, so that the base's ``--on_nonfinite`` names it).
+
+    The parameters are in the method's ``state_dict`` (as sub-module parameters); the optimiser's own
+    state (e.g. Adam's moments) goes into checkpoints through :meth:`state_dict` / :meth:`load_state_dict`,
+    which the method calls from ``on_save_checkpoint`` / ``on_load_checkpoint``. The optimiser is built on
+    first use, after Lightning has moved the module to its device.
+
+    Args:
+        module: the training-only module.
+        make: ``params -> torch.optim.Optimizer`` (e.g. ``lambda p: torch.optim.Adam(p, 1e-4)``).
+    """
+
+    def __init__(self, module: nn.Module, make) -> None:
+        module.requires_grad_(False)
+        self.module = module
+        self._make = make
+        self._opt: torch.optim.Optimizer | None = None
+        self._pending: dict | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._opt is None:
+            self._opt = self._make(list(self.module.parameters()))
+            if self._pending is not None:
+                self._opt.load_state_dict(self._pending)
+                self._pending = None
+        return self._opt
+
+    def step(self, objective) -> torch.Tensor:
+        """Minimise ``objective(params)`` by one optimiser step; ``params`` maps the module's parameter
+        names to differentiable copies (use them through ``torch.func.functional_call`` or directly).
+        Returns the objective's value before the step, detached, float32."""
+        named = dict(self.module.named_parameters())
+        leaves = {n: p.detach().requires_grad_() for n, p in named.items()}
+        with torch.enable_grad():
+            loss = objective(leaves)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(named.values(), grads, strict=True)]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for g in grads:
+                torch.distributed.all_reduce(g)
+                g.div_(world)
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            opt = self.optimizer
+            for p, g in zip(named.values(), grads, strict=True):
+                p.grad = g.to(p.dtype)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach().float()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._opt is None:
+            self._pending = state
+        else:
+            self._opt.load_state_dict(state)
