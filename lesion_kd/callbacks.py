@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 # Names of config keys / environment variables whose values must never reach a logger.
 SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential|private[_-]?key|auth)", re.IGNORECASE)
@@ -192,9 +193,95 @@ class CheckpointOnSigterm(Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
         ckpt_cb = trainer.checkpoint_callback
-        dirpath = getattr(ckpt_cb, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
-        path = Path(dirpath) / "last.ckpt"
-        trainer.save_checkpoint(path)  # written atomically (fsspec transaction); rank 0 writes
+        if isinstance(ckpt_cb, LesionCheckpoint):
+            ckpt_cb.write_last(trainer)
+            path = Path(ckpt_cb.last_model_path)
+        else:
+            path = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(path)  # written atomically (fsspec transaction); rank 0 writes
         if trainer.is_global_zero:
             print(f"SIGTERM: checkpoint saved to {path} at step {trainer.global_step}; resume with --ckpt_path {path}",
                   flush=True)
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """``<run>/checkpoints/last.ckpt``: where ModelCheckpoint keeps the last checkpoint of this run."""
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+    return Path(dirpath) / "last.ckpt"
+
+
+class LesionCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint (best by the monitored metric, as configured) that also keeps ``last.ckpt`` current.
+
+    Lightning writes ``last.ckpt`` only when it also writes a top-k checkpoint, so a run whose validation
+    Dice stopped improving would resume from its best step, not its last. This writes ``last.ckpt`` at every
+    validation, at the end of training, and in between every ``last_every_n_steps`` training steps and/or
+    every ``last_every_minutes`` minutes. Files are written atomically (Lightning saves through an fsspec
+    transaction: a temporary file renamed into place), so a run killed mid-write keeps the previous one.
+
+    Args:
+        last_every_n_steps: also write last.ckpt every N training steps (null: only at validation).
+        last_every_minutes: also write last.ckpt every M minutes of training (null: only at validation).
+        **kwargs: ModelCheckpoint's arguments.
+    """
+
+    def __init__(self, *args: Any, last_every_n_steps: int | None = None, last_every_minutes: float | None = 15.0,
+                 **kwargs: Any) -> None:
+        if last_every_n_steps is not None and last_every_n_steps < 1:
+            raise ValueError(f"checkpoint.last_every_n_steps={last_every_n_steps}: must be >= 1 (or null: off)")
+        if last_every_minutes is not None and last_every_minutes <= 0:
+            raise ValueError(f"checkpoint.last_every_minutes={last_every_minutes}: must be > 0 (or null: off)")
+        super().__init__(*args, **kwargs)
+        self.last_every_n_steps, self.last_every_minutes = last_every_n_steps, last_every_minutes
+        self._last_time, self._last_step = time.monotonic(), -1
+
+    def write_last(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt now (once per step)."""
+        if self.save_last and self._last_step != trainer.global_step and not trainer.sanity_checking:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_time, self._last_step = time.monotonic(), trainer.global_step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # Saved before the next step rather than at on_train_batch_end: Lightning runs the callbacks'
+        # on_train_batch_end before the LightningModule's, where EMA teachers take their update of the step.
+        super().on_train_batch_start(trainer, pl_module, *args)
+        step = trainer.global_step
+        due = (self.last_every_n_steps is not None and step % self.last_every_n_steps == 0) or (
+            self.last_every_minutes is not None and time.monotonic() - self._last_time >= 60 * self.last_every_minutes)
+        if due and step > 0 and step != self._last_step:
+            self.write_last(trainer)
+            if trainer.is_global_zero:
+                print(f"checkpoint: {self.last_model_path} at step {step}", flush=True)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit":
+            self.write_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.write_last(trainer)
+
+
+class StepSeeding(Callback):
+    """Seed torch, NumPy and ``random`` before every training batch from (run seed, batch count, rank).
+
+    The random draws of a training step (noise, dropout, perturbations, mixing boxes) then depend on the step
+    only, not on what ran before it in this process (validation, a restarted data loader), so a run resumed
+    from any checkpoint draws what the uninterrupted run drew. The same per-update seeding as fairseq's
+    ``utils.torch_seed(seed, num_updates)``.
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        import random
+
+        from .data.sampling import mix_seed
+
+        batches = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        seed = mix_seed(os.environ.get("PL_GLOBAL_SEED", "0"), "step", batches, trainer.global_rank)
+        torch.manual_seed(seed)  # all devices
+        np.random.seed(seed % 2**32)
+        random.seed(seed)

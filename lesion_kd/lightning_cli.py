@@ -7,9 +7,9 @@ import os
 import shutil
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks import LesionCheckpoint
 from .data import LesionDataModule
 from .methods import SegmentationModule
 
@@ -20,7 +20,7 @@ class LesionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         from typing import Literal, Union
 
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LesionCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/dice",
@@ -60,6 +60,7 @@ class LesionCLI(LightningCLI):
 
         from .callbacks import (
             CheckpointOnSigterm,
+            StepSeeding,
             TrainIdsRecorder,
             WandbPredictionImages,
             redact_secrets,
@@ -68,7 +69,11 @@ class LesionCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         sub = self._sub()
-        extra: list = [CheckpointOnSigterm()] + ([TrainIdsRecorder()] if sub.get("record_train_ids") else [])
+        extra: list = [CheckpointOnSigterm(), StepSeeding()]
+        if self.subcommand == "fit":
+            self._resolve_last(trainer)
+        if sub.get("record_train_ids"):
+            extra.append(TrainIdsRecorder())
         if sub.get("wandb"):
             # Offline unless credentials or an explicit mode say otherwise; a W&B sweep agent (WANDB_SWEEP_ID)
             # may hold its key in ~/.netrc only, and its runs must report to the sweep's server.
@@ -88,6 +93,22 @@ class LesionCLI(LightningCLI):
         # before ModelCheckpoint, which Lightning keeps last
         trainer.callbacks[0:0] = extra
         return trainer
+
+    def _resolve_last(self, trainer) -> None:
+        """``--ckpt_path last``: the latest last.ckpt under the run root, resumed in its own run directory."""
+        from .resume import find_last_checkpoint, resume_in_place
+
+        sub = self._sub()
+        if sub.get("ckpt_path") != "last":
+            return
+        ckpt = find_last_checkpoint(trainer.default_root_dir, sub.get("checkpoint", {}).get("dirpath"))
+        if ckpt is None:
+            print(f"--ckpt_path last: no last.ckpt under {trainer.default_root_dir}; starting a new run", flush=True)
+            self.config_init[self.subcommand]["ckpt_path"] = None
+            return
+        print(f"--ckpt_path last: resuming {ckpt}", flush=True)
+        self.config_init[self.subcommand]["ckpt_path"] = str(ckpt)
+        resume_in_place(trainer, ckpt)
 
     def after_fit(self) -> None:
         if not self._sub().get("test_after_fit"):

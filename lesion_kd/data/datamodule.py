@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from .datasets import EvalDataset, ImageFolderDataset, ViewPairDataset
 from .folder import Sample, scan_folder
@@ -17,6 +18,7 @@ from .io import DataError, atomic_write_bytes, read_image, split_image_name
 from .listing import read_listing, split_listing
 from .prep import prepare_samples
 from .registry import DATASETS, data_dir, random_split, split_file_name
+from .sampling import StreamSampler
 from .splits import SPLITS_DIR, load_or_write_splits
 from .transforms import AugmentationConfig, ViewPairTransform
 
@@ -197,13 +199,25 @@ class LesionDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         return bool(getattr(module, "uses_unlabeled", False)) and self.hparams.unlabeled_batch_size > 0
 
-    def _loader(self, ds, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, ds, batch_size: int, train: bool, stream: str = "") -> DataLoader:
         hp = self.hparams
         return DataLoader(
-            ds, batch_size=batch_size, sampler=RandomSampler(ds) if train else None, shuffle=False,
-            drop_last=train, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+            ds, batch_size=batch_size, sampler=self._stream_sampler(len(ds), batch_size, stream) if train else None,
+            shuffle=False, drop_last=train, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
             pin_memory=False,
         )
+
+    def _stream_sampler(self, n: int, batch_size: int, stream: str) -> StreamSampler:
+        """The training stream's sampler, positioned after the batches already trained (0, or a resumed run's)."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        trainer = self.trainer
+        fit_loop = getattr(trainer, "fit_loop", None)
+        if fit_loop is None:  # a data module used outside a Trainer: a fresh stream
+            return StreamSampler(n, batch_size, seed, stream, lambda: 0)
+        # batches whose training step ran: a resumed run continues every stream after them
+        progress = fit_loop.epoch_loop.batch_progress.total
+        return StreamSampler(n, batch_size, seed, stream, lambda: progress.processed, epoch=trainer.current_epoch,
+                             num_replicas=trainer.world_size, rank=trainer.global_rank)
 
     def _check_share(self, name: str, n: int, batch: int) -> None:
         """Each DDP process gets ceil(n / world) images of a stream; a batch larger than that share would
@@ -221,7 +235,7 @@ class LesionDataModule(L.LightningDataModule):
         self._check_share("labeled", len(self.labeled), hp.labeled_batch_size)
         tf = ViewPairTransform(self.augmentation)
         labeled = ViewPairDataset(self.labeled, hp.image_size, tf, hp.cache_dir, labeled=True, extras=self.sample_extras)
-        loaders = {"labeled": self._loader(labeled, hp.labeled_batch_size, True)}
+        loaders = {"labeled": self._loader(labeled, hp.labeled_batch_size, True, "labeled")}
         if self._uses_unlabeled():
             if len(self.unlabeled) < hp.unlabeled_batch_size:
                 raise ValueError(
@@ -231,7 +245,7 @@ class LesionDataModule(L.LightningDataModule):
             self._check_share("unlabeled", len(self.unlabeled), hp.unlabeled_batch_size)
             unlabeled = ViewPairDataset(self.unlabeled, hp.image_size, ViewPairTransform(self.augmentation),
                                         hp.cache_dir, labeled=False, extras=self.sample_extras)
-            loaders["unlabeled"] = self._loader(unlabeled, hp.unlabeled_batch_size, True)
+            loaders["unlabeled"] = self._loader(unlabeled, hp.unlabeled_batch_size, True, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):

@@ -37,11 +37,13 @@ class ViewPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
-        # albumentations keeps its own generators: re-seed them from torch's per-process seed, which
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # key: an index, or (index, augmentation seed) from the training StreamSampler, which makes each
+        # sample's augmentation a function of its stream position (exact resume, any worker count).
+        # A bare index re-seeds albumentations' own generators from torch's per-process seed, which
         # Lightning's seed_everything(workers=True) makes distinct per worker and reproducible.
-        seed = torch.initial_seed() % 2**31
-        if seed != self._seed:
+        i, seed = key if isinstance(key, tuple) else (key, torch.initial_seed() % 2**31)
+        if isinstance(key, tuple) or seed != self._seed:
             self.transform.set_seed(seed)
             self._seed = seed
         c = load_canonical(self.samples[i], self.size, self.cache_dir)
