@@ -180,6 +180,17 @@ class TrainIdsRecorder(Callback):
         os.replace(tmp, path)
 
 
+class WandbRunId(Callback):
+    """Keep the W&B run id in ``<run>/wandb_id.txt``, so that ``--ckpt_path last`` continues the same W&B run."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from .data.io import atomic_write_bytes
+
+        logger = find_wandb_logger(trainer)
+        if logger is not None and trainer.is_global_zero and trainer.log_dir:
+            atomic_write_bytes(Path(trainer.log_dir) / "wandb_id.txt", f"{logger.version}\n".encode())
+
+
 class CheckpointOnSigterm(Callback):
     """Save ``last.ckpt`` when the run is stopped by SIGTERM (what SLURM sends before preemption).
 

@@ -63,6 +63,7 @@ class LesionCLI(LightningCLI):
             StepSeeding,
             TrainIdsRecorder,
             WandbPredictionImages,
+            WandbRunId,
             redact_secrets,
             secret_safe_wandb_logger,
         )
@@ -71,7 +72,7 @@ class LesionCLI(LightningCLI):
         sub = self._sub()
         extra: list = [CheckpointOnSigterm(), StepSeeding()]
         if self.subcommand == "fit":
-            self._resolve_last(trainer)
+            self._resuming = self._resolve_last(trainer)
         if sub.get("record_train_ids"):
             extra.append(TrainIdsRecorder())
         if sub.get("wandb"):
@@ -86,29 +87,35 @@ class LesionCLI(LightningCLI):
             # the resolved config (every option, defaults included) as the run config, secrets never written
             config = yaml.safe_load(self._parser(self.subcommand).dump(sub, skip_none=False, format="yaml"))
             config.pop("config", None)  # the --config file paths: the resolved values are what matters
+            # a resumed run (--ckpt_path last) continues its W&B run: the id is kept beside the run's files
+            id_file = Path(trainer.log_dir) / "wandb_id.txt" if trainer.log_dir else None
+            run_id = id_file.read_text().strip() if self._resuming and id_file and id_file.is_file() else None
             logger = secret_safe_wandb_logger(name=name, save_dir=trainer.default_root_dir,
-                                              log_model=sub.get("wandb_log_model"), config=redact_secrets(config))
+                                              log_model=sub.get("wandb_log_model"), config=redact_secrets(config),
+                                              **({"id": run_id, "resume": "allow"} if run_id else {}))
             trainer.loggers = [*trainer.loggers, logger]
-            extra.append(WandbPredictionImages(sub.get("wandb_num_images")))
+            extra += [WandbPredictionImages(sub.get("wandb_num_images")), WandbRunId()]
         # before ModelCheckpoint, which Lightning keeps last
         trainer.callbacks[0:0] = extra
         return trainer
 
-    def _resolve_last(self, trainer) -> None:
+    _resuming = False
+
+    def _resolve_last(self, trainer) -> bool:
         """``--ckpt_path last``: the latest last.ckpt under the run root, resumed in its own run directory."""
         from .resume import find_last_checkpoint, resume_in_place
 
         sub = self._sub()
         if sub.get("ckpt_path") != "last":
-            return
+            return False
         ckpt = find_last_checkpoint(trainer.default_root_dir, sub.get("checkpoint", {}).get("dirpath"))
         if ckpt is None:
             print(f"--ckpt_path last: no last.ckpt under {trainer.default_root_dir}; starting a new run", flush=True)
             self.config_init[self.subcommand]["ckpt_path"] = None
-            return
+            return False
         print(f"--ckpt_path last: resuming {ckpt}", flush=True)
         self.config_init[self.subcommand]["ckpt_path"] = str(ckpt)
-        resume_in_place(trainer, ckpt)
+        return resume_in_place(trainer, ckpt)
 
     def after_fit(self) -> None:
         if not self._sub().get("test_after_fit"):

@@ -73,11 +73,11 @@ class ResumedCSVLogger(CSVLogger):
         return self._experiment
 
 
-def resume_in_place(trainer, ckpt: Path) -> None:
-    """Make ``trainer`` log and checkpoint into the run directory ``ckpt`` belongs to."""
+def resume_in_place(trainer, ckpt: Path) -> bool:
+    """Make ``trainer`` log and checkpoint into the run directory ``ckpt`` belongs to (True if it does)."""
     run_dir = ckpt.parent.parent
     if not run_dir.name.startswith("version_"):
-        return  # a checkpoint outside the usual layout: resume it, but log into a new run directory
+        return False  # a checkpoint outside the usual layout: resume it, but log into a new run directory
     version = run_dir.name.removeprefix("version_")
     step = checkpoint_step(ckpt)
     loggers = []
@@ -87,3 +87,4 @@ def resume_in_place(trainer, ckpt: Path) -> None:
                                   resume_step=step)
         loggers.append(lg)
     trainer.loggers = loggers
+    return True

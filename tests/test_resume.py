@@ -77,3 +77,17 @@ def test_ckpt_path_last_without_a_previous_run_starts_a_new_one(tmp_path, data_d
                     "--ckpt_path", "last", "--test_after_fit", "false",
                     env_extra={"LESION_KD_DATA": str(data_dir)})
     assert "no last.ckpt under" in out.stdout and list(tmp_path.rglob("last.ckpt"))
+
+
+def test_resumed_run_continues_its_wandb_run(tmp_path, data_dir):
+    env = {"LESION_KD_DATA": str(data_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": ""}
+    args = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
+            "--config", "experiments/profile/smoke.yaml", "--trainer.default_root_dir", str(tmp_path), "--wandb", "true",
+            "--wandb_num_images", "0", "--test_after_fit", "false"]
+    lesion_kd("fit", *args, "--trainer.max_steps", "2", env_extra=env)
+    (id_file,) = tmp_path.rglob("wandb_id.txt")
+    run_id = id_file.read_text().strip()
+    lesion_kd("fit", *args, "--trainer.max_steps", "4", "--ckpt_path", "last", env_extra=env)
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
+    assert id_file.read_text().strip() == run_id
