@@ -83,7 +83,7 @@ class LesionCLI(LightningCLI):
             dm = self.datamodule.hparams
             dataset = Path(str(dm.dataset)).name.removesuffix(".csv")  # a user folder or listing: its name only
             labels = f"{round(dm.labeled_fraction * 100)}pct"
-            name = f"{dataset}-{self.model.method_name}-{self.model.hparams.network}-{labels}-seed{sub.get('seed_everything')}"
+            name = f"{dataset}-{self.model.results_name}-{self.model.hparams.network}-{labels}-seed{sub.get('seed_everything')}"
             # the resolved config (every option, defaults included) as the run config, secrets never written
             config = yaml.safe_load(self._parser(self.subcommand).dump(sub, skip_none=False, format="yaml"))
             config.pop("config", None)  # the --config file paths: the resolved values are what matters
@@ -141,7 +141,7 @@ class LesionCLI(LightningCLI):
         dm, model = self.datamodule, self.model
         labels = round(dm.hparams.labeled_fraction * 100)
         dest = Path(root) / dm.dataset_name / (
-            f"{model.method_name}-{model.hparams.network}-{labels}pct-seed{self._sub().get('seed_everything')}"
+            f"{model.results_name}-{model.hparams.network}-{labels}pct-seed{self._sub().get('seed_everything')}"
         )
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.json", "config.yaml", "metrics_original_resolution.json"):

@@ -142,3 +142,10 @@ def test_semikd_smoke_fit_and_test_through_the_cli(tmp_path, data_dir):
     assert json.loads(Path(out.stdout.split("metrics written to ")[1].split()[0]).read_text())["n_images"] == 8
     net = load_student(str(ckpt))
     assert type(net).__name__ == "MambaUNet"
+
+
+@pytest.mark.parametrize("row", ["semikd", "semikd_sup", "semikd_featkd", "semikd_map", "semikd_pckd", "semikd_dss"])
+def test_each_ablation_config_publishes_its_results_under_its_own_name(row):
+    args = yaml.safe_load((Path(__file__).parents[1] / f"experiments/method/{row}.yaml").read_text())["model"]["init_args"]
+    module = SemiKDModule(**{**args, "teacher_mode": "cache"})
+    assert module.results_name == row

@@ -79,6 +79,11 @@ class SegmentationModule(L.LightningModule):
         self._last_losses: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ model
+    @property
+    def results_name(self) -> str:
+        """The method's name in result paths and tables (a variant of a method may name itself apart)."""
+        return self.method_name
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 

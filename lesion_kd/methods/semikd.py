@@ -71,6 +71,17 @@ class SemiKDModule(SegmentationModule):
     method_name = "semikd"
     uses_unlabeled = True
 
+    @property
+    def results_name(self) -> str:
+        """``semikd`` for the full method, else its ablation row: ``semikd_sup``, ``semikd_featkd``,
+        ``semikd_map``, ``semikd_pckd``, ``semikd_dss`` (configs ``experiments/method/semikd_<row>.yaml``)."""
+        kd, dss = self.hparams.kd_mode, self.hparams.use_dss
+        if kd == "pckd" and dss:
+            return "semikd"
+        if kd == "none":
+            return "semikd_dss" if dss else "semikd_sup"
+        return f"semikd_{kd}" + ("+dss" if dss else "")
+
     def __init__(
         self,
         network: str = "mamba_unet",
