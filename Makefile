@@ -9,7 +9,7 @@ export LESION_KD_DATA ?= $(SHARED_DATA)
 PROFILE ?= cpu
 LABELS ?= 0.1
 
-.PHONY: install test test-fast demo lint clean-runs
+.PHONY: install test test-fast demo lint clean-runs reproduce-table
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ demo: install
 	@test -n "$$LESION_KD_DATA" || { echo "set LESION_KD_DATA to the folder that holds Kvasir-SEG/"; exit 1; }
 	$(VENV)/bin/lesion-kd fit --config experiments/exp/kvasir-seg_supervised-unet_cpu.yaml \
 	  --config experiments/profile/$(PROFILE).yaml --data.labeled_fraction $(LABELS) --trainer.default_root_dir runs/demo
+
+# The comparison table, ablation, efficiency table and HTML report (experiments/reproduce/$(PROFILE).yaml):
+# runs every cell without a finished result, then writes table.md/.csv, ablation.md, efficiency.md, report.html.
+reproduce-table: install
+	@test -n "$$LESION_KD_DATA" || { echo "set LESION_KD_DATA to the folder that holds Kvasir-SEG/ and BUSI/"; exit 1; }
+	$(VENV)/bin/lesion-kd reproduce-table --profile $(PROFILE) $(if $(OUT),--out $(OUT)) $(REPRODUCE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check lesion_kd tests benchmarks

@@ -144,7 +144,8 @@ class LesionCLI(LightningCLI):
             f"{model.results_name}-{model.hparams.network}-{labels}pct-seed{self._sub().get('seed_everything')}"
         )
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.json", "config.yaml", "metrics_original_resolution.json"):
+        # metrics.json last: its presence marks a finished cell (reproduce-table)
+        for name in ("config.yaml", "metrics_original_resolution.json", "metrics.csv", "metrics.json"):
             if (run_dir / name).is_file():
                 tmp = dest / f".{name}.tmp"
                 shutil.copyfile(run_dir / name, tmp)

@@ -1,0 +1,127 @@
+"""The efficiency table: parameters, GFLOPs per 256x256 image, latency (batch 1) and throughput (batch B)
+of the student, the reference U-Net and the teacher on this machine's CPU and, when present, its GPU.
+
+Measurements are cached per machine in ``<results>/efficiency.json`` (they take a minute on a CPU), so a
+second ``reproduce-table`` reuses them; delete the file to measure again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+MODELS = {"student (mamba_unet)": ("model", "mamba_unet"), "U-Net (SSL4MIS)": ("model", "unet"),
+          "teacher (LiteMedSAM image encoder)": ("teacher", "litemedsam")}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_summary() -> dict:
+    """What a result was measured on."""
+    doc = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__}
+    if torch.cuda.is_available():
+        doc["gpu"] = torch.cuda.get_device_name(0)
+    return doc
+
+
+def _build(kind: str, name: str, size: int) -> tuple[torch.nn.Module, int]:
+    """The network to time and its input side (the teacher's encoder sees its own input: 256 for LiteMedSAM,
+    1024 for MedSAM)."""
+    if kind == "model":
+        from ..models import build_model
+
+        return build_model(name).eval(), size
+    from ..models import build_teacher
+
+    teacher = build_teacher(name)
+    return teacher.image_encoder.eval(), teacher.input_size
+
+
+def _time(fn, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of one call (after one warm-up call)."""
+    with torch.inference_mode():
+        fn(x)
+        times = []
+        for _ in range(repeats):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(size: int = 256, batch: int = 8, repeats: int = 5) -> list[dict]:
+    """One row per model: params (M), GFLOPs of one image at its input size, CPU (and GPU) latency and throughput."""
+    rows = []
+    for label, (kind, name) in MODELS.items():
+        net, side = _build(kind, name, size)
+        params = sum(p.numel() for p in net.parameters()) / 1e6
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(torch.randn(1, 3, side, side))
+        row = {"model": label, "input": f"{side}x{side}", "params_m": round(params, 3),
+               "gflops": round(counter.get_total_flops() / 1e9, 2)}
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        for dev in devices:
+            net = net.to(dev)
+            b = batch if kind == "model" else max(1, batch // 4)
+            row[f"{dev}_latency_ms"] = round(1e3 * _time(net, torch.randn(1, 3, side, side, device=dev), repeats), 2)
+            row[f"{dev}_throughput"] = round(b / _time(net, torch.randn(b, 3, side, side, device=dev), repeats), 2)
+        rows.append(row)
+    return rows
+
+
+def load_or_measure(results: Path, size: int = 256, batch: int = 8, repeats: int = 5) -> dict:
+    """The cached measurement of this machine, else a new one (written atomically)."""
+    from ..data.io import atomic_write_bytes
+
+    path = results / "efficiency.json"
+    machine = machine_summary()
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if doc.get("machine", {}).get("cpu") == machine["cpu"] and doc.get("machine", {}).get("gpu") == machine.get("gpu"):
+            return doc
+    print(f"reproduce-table: measuring efficiency on {machine['cpu']}"
+          + (f" + {machine['gpu']}" if "gpu" in machine else "") + " ...", flush=True)
+    doc = {"machine": machine, "size": size, "batch": batch, "repeats": repeats,
+           "rows": measure(size, batch, repeats)}
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    m = doc["machine"]
+    gpu = "gpu" in m
+    head = ("| model | input | params (M) | GFLOPs / image | CPU latency (ms, batch 1) | CPU throughput (img/s) |"
+            + (" GPU latency (ms) | GPU throughput (img/s) |" if gpu else ""))
+    lines = [f"Measured on {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads)"
+             + (f" and {m['gpu']}" if gpu else "; no GPU on this machine, so no GPU columns") + f", torch {m['torch']}; "
+             f"throughput at batch {doc['batch']} (teacher: batch {max(1, doc['batch'] // 4)}), median of "
+             f"{doc['repeats']} calls.", "", head, "|---" * (6 + 2 * gpu) + "|"]
+    for r in doc["rows"]:
+        line = (f"| {r['model']} | {r['input']} | {r['params_m']:.3f} | {r['gflops']:.2f} | "
+                f"{r['cpu_latency_ms']:.1f} | {r['cpu_throughput']:.1f} |")
+        if gpu:
+            line += f" {r['cuda_latency_ms']:.2f} | {r['cuda_throughput']:.1f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

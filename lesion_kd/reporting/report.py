@@ -1,0 +1,359 @@
+"""The outputs of ``reproduce-table``: ``table.md``/``table.csv`` (the paper's Table 1 shape), ``ablation.md``,
+``efficiency.md`` and a self-contained ``report.html`` (tables, training curves and a qualitative grid as
+embedded PNGs, also written to ``figures/``), from the finished cells of a manifest."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..data.io import atomic_write_bytes
+from . import efficiency
+from .reproduce import Cell, Manifest, cell_dir, is_finished
+from .tables import aggregate, collect
+
+CSV_COLUMNS = ["dataset", "labels", "method", "network", "dice_mean", "dice_std", "iou_mean", "iou_std",
+               "hd95_mean", "hd95_std", "asd_mean", "asd_std", "seeds"]
+
+# docs/paper.md: the paper's Table 1 (MSD lesion task, not our datasets): (method, labels) -> (Dice %, HD px)
+PAPER_TABLE1 = [
+    ("U-Net (supervised)", "100%", "80.28", "15.24"), ("U-Net (supervised)", "10%", "64.48", "20.53"),
+    ("U-Net (supervised)", "20%", "66.01", "19.31"), ("UA-MT", "10% / 20%", "70.12 / 72.29", "17.65 / 16.18"),
+    ("SemiSAM-MT", "10% / 20%", "72.47 / 74.88", "15.34 / 13.97"), ("SASSNet", "10% / 20%", "70.04 / 71.61", "19.58 / 17.66"),
+    ("URPC", "10% / 20%", "67.43 / 70.07", "18.01 / 15.26"), ("MC-Net+", "10% / 20%", "72.89 / 73.27", "15.52 / 13.86"),
+    ("BCP", "10% / 20%", "81.48 / 82.21", "14.01 / 13.57"), ("CauSSL", "10% / 20%", "80.18 / 81.93", "14.25 / 13.87"),
+    ("BaPC", "10% / 20%", "80.29 / 81.47", "13.96 / 13.08"), ("CPC-SAM", "10% / 20%", "81.73 / 83.68", "12.16 / 11.59"),
+    ("Paper's method", "10% / 20%", "83.46 / 85.65", "13.60 / 12.34"),
+]
+ABLATION_ROWS = {"semikd_sup": "L_sup only", "semikd_featkd": "L_sup + plain feature KD (FitNets)",
+                 "semikd_map": "L_sup + L_map", "semikd_pckd": "L_sup + L_pckd", "semikd_dss": "L_sup + L_dss",
+                 "semikd": "L_sup + L_pckd + L_dss (full method)"}
+QUALITATIVE_ROWS = 6
+
+
+def _fmt(r: dict, k: str, scale: float) -> str:
+    s = f"{r[f'{k}_mean'] * scale:.2f}"
+    return s + (f" ± {r[f'{k}_std'] * scale:.2f}" if r["seeds"] > 1 else "")
+
+
+def _cells_rows(m: Manifest, part: str) -> tuple[list[dict], list[Cell]]:
+    """Aggregated rows of the manifest's finished cells of a part, and its unfinished cells."""
+    wanted = [c for c in m.cells if c.part == part or (part == "ablation" and c.method in m.ablation.get("rows", [])
+                                                         and c.dataset == m.ablation.get("dataset")
+                                                         and c.labels == float(m.ablation.get("labels", -1)))]
+    keys = {(c.dataset, c.method, c.network, c.labels, c.seed) for c in wanted}
+    rows = [r for r in collect(m.results) if (r["dataset"], r["method"], r["network"], r["labels"], r["seed"]) in keys]
+    return aggregate(rows), [c for c in wanted if not is_finished(m, c)]
+
+
+def table_markdown(m: Manifest, agg: list[dict], missing: list[Cell]) -> str:
+    lines = [f"# Comparison table ({m.profile} profile)", ""]
+    total, machines = _wall_clock(m, [c for c in m.cells if c.part == "table"])
+    if total:
+        lines += [f"Wall-clock time of the finished table cells: {total / 3600:.2f} h on {', '.join(sorted(machines))} "
+                  "(sum over cells, as run).", ""]
+    if m.budget:
+        lines += [f"Budget: {m.budget}", ""]
+    lines += ["Dice and IoU in %, HD95 and ASD in pixels of the evaluation grid; per-image mean over the test split, "
+              "then mean ± std over seeds.", ""]
+    by_ds: dict[str, list[dict]] = defaultdict(list)
+    for r in agg:
+        by_ds[r["dataset"]].append(r)
+    for ds, rows in by_ds.items():
+        lines += [f"## {ds}", "", "| method | network | labels | Dice % | HD95 px | IoU % | ASD px | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: (r["labels"], _order(m, r["method"], r["network"]))):
+            lines.append(f"| {r['method']} | {r['network']} | {r['labels'] * 100:.0f}% | {_fmt(r, 'dice', 100)} | "
+                         f"{_fmt(r, 'hd95', 1)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'asd', 1)} | {r['seeds']} |")
+        lines.append("")
+    if missing:
+        lines += ["Not run yet: " + ", ".join(f"`{c.key}`" for c in missing), ""]
+    lines += ["## For reference: the paper's Table 1 (its own dataset, the MSD lesion task; not comparable number for "
+              "number)", "", "| method | labels | Dice % | HD px |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in PAPER_TABLE1]
+    return "\n".join(lines) + "\n"
+
+
+def _order(m: Manifest, method: str, network: str) -> int:
+    for i, c in enumerate(m.cells):
+        if c.method == method and c.network == network:
+            return i
+    return len(m.cells)
+
+
+def _wall_clock(m: Manifest, cells: list[Cell]) -> tuple[float, set[str]]:
+    total, machines = 0.0, set()
+    for c in cells:
+        t = cell_dir(m, c) / "timing.json"
+        if t.is_file():
+            doc = json.loads(t.read_text())
+            total += doc["wall_s"]
+            machines.add(f"{doc['machine']['cpu']}" + (f" + {doc['machine']['gpu']}" if "gpu" in doc["machine"] else ""))
+    return total, machines
+
+
+def table_csv(agg: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in agg:
+        w.writerow({**r, "labels": round(r["labels"], 4)})
+    return buf.getvalue()
+
+
+def ablation_markdown(m: Manifest, agg: list[dict], missing: list[Cell]) -> str:
+    a = m.ablation
+    lines = [f"# Ablation ({a.get('dataset')}, {float(a.get('labels', 0)) * 100:.0f}% labels, {m.profile} profile)", "",
+             "| row | losses | Dice % | HD95 px | IoU % | ASD px | seeds |", "|---|---|---|---|---|---|---|"]
+    by_method = {r["method"]: r for r in agg}
+    for row in a.get("rows", []):
+        r = by_method.get(row)
+        if r is None:
+            lines.append(f"| {row} | {ABLATION_ROWS.get(row, '')} | not run yet | | | | 0 |")
+        else:
+            lines.append(f"| {row} | {ABLATION_ROWS.get(row, '')} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'hd95', 1)} | "
+                         f"{_fmt(r, 'iou', 100)} | {_fmt(r, 'asd', 1)} | {r['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def dice_figure(agg: list[dict]) -> bytes | None:
+    if not agg:
+        return None
+    plt = _plt()
+    groups = sorted({(r["dataset"], r["labels"]) for r in agg})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
+    for ax, (ds, lab) in zip(axes[0], groups, strict=True):
+        rows = [r for r in agg if r["dataset"] == ds and r["labels"] == lab]
+        names = [f"{r['method']}\n({r['network']})" for r in rows]
+        ax.barh(names, [100 * r["dice_mean"] for r in rows], xerr=[100 * r["dice_std"] for r in rows], color="#4c72b0")
+        ax.set_title(f"{ds}, {lab * 100:.0f}% labels")
+        ax.set_xlabel("test Dice %")
+        ax.invert_yaxis()
+    return _png(fig)
+
+
+def curves_figure(m: Manifest, cells: list[Cell]) -> bytes | None:
+    """Validation Dice against training step, one line per finished cell (from its metrics.csv)."""
+    series = []
+    for c in cells:
+        path = cell_dir(m, c) / "metrics.csv"
+        if not path.is_file():
+            continue
+        pts = sorted({int(float(r["step"])): float(r["val/dice"]) for r in csv.DictReader(path.open())
+                      if r.get("val/dice")}.items())
+        if pts:
+            series.append((c, pts))
+    if not series:
+        return None
+    plt = _plt()
+    groups = sorted({(c.dataset, c.labels) for c, _ in series})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+    for ax, (ds, lab) in zip(axes[0], groups, strict=True):
+        for c, pts in series:
+            if (c.dataset, c.labels) == (ds, lab):
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f"{c.method} ({c.network}) s{c.seed}")
+        ax.set_title(f"{ds}, {lab * 100:.0f}% labels: validation Dice")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("val Dice")
+        ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def _best_checkpoint(m: Manifest, c: Cell) -> Path | None:
+    found = sorted((m.runs / c.dataset / c.name).glob("lightning_logs/version_*/checkpoints/best-*.ckpt"),
+                   key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _test_samples(config_path: Path):
+    """The test samples of a cell's data config and its model input size."""
+    import yaml
+
+    from ..data import LesionDataModule
+
+    data = dict(yaml.safe_load(config_path.read_text())["data"])
+    dm = LesionDataModule(**{k: v for k, v in data.items() if k not in ("class_path", "init_args")})
+    dm.setup("test")
+    return {s.id: s for s in dm.splits["test"]}, data["image_size"], data.get("cache_dir")
+
+
+def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, list[str]]:
+    """Image, ground truth and each method's prediction for the same test images of the first table group
+    (dataset, labels): the easiest, middle and hardest images by mean Dice over the methods shown."""
+    from PIL import Image
+
+    from ..data.prep import load_canonical
+    from ..methods.semikd import load_student
+
+    notes: list[str] = []
+    done = [c for c in cells if is_finished(m, c)]
+    if not done:
+        return None, notes
+    ds, lab = done[0].dataset, done[0].labels
+    shown = [c for c in done if (c.dataset, c.labels) == (ds, lab)]
+    seen: set[tuple[str, str]] = set()
+    shown = [c for c in shown if (c.method, c.network) not in seen and not seen.add((c.method, c.network))]
+    per_image = [json.loads((cell_dir(m, c) / "metrics.json").read_text())["per_image"] for c in shown]
+    common = sorted(set.intersection(*(set(p) for p in per_image)))
+    if not common:
+        return None, notes
+    mean = {i: float(np.mean([p[i]["dice"] for p in per_image])) for i in common}
+    ranked = sorted(common, key=lambda i: -mean[i])
+    k = QUALITATIVE_ROWS // 3
+    mid = len(ranked) // 2
+    ids = list(dict.fromkeys(ranked[:k] + ranked[mid - k // 2: mid - k // 2 + k] + ranked[-k:]))
+    samples, size, cache_dir = _test_samples(cell_dir(m, shown[0]) / "config.yaml")
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    for c in shown:
+        qdir = cell_dir(m, c) / "qualitative"
+        missing = [i for i in ids if not (qdir / f"{i}.png").is_file()]
+        ckpt = _best_checkpoint(m, c) if missing else None
+        if missing and ckpt is not None:
+            import torch
+
+            try:
+                net = load_student(str(ckpt))
+            except Exception as e:  # noqa: BLE001 - a method whose network is not a plain student: say so
+                notes.append(f"{c.key}: no predictions ({type(e).__name__}: {str(e)[:120]})")
+                net = None
+            if net is not None:
+                x = torch.stack([torch.from_numpy(load_canonical(samples[i], size, cache_dir).image).permute(2, 0, 1)
+                                 .float().div(255) for i in missing])
+                with torch.inference_mode():
+                    masks = net(x).argmax(1).to(torch.uint8).numpy()
+                qdir.mkdir(parents=True, exist_ok=True)
+                for i, mk in zip(missing, masks, strict=True):
+                    buf = io.BytesIO()
+                    Image.fromarray(mk * 255).save(buf, format="PNG", optimize=True)
+                    atomic_write_bytes(qdir / f"{i}.png", buf.getvalue())
+        elif missing:
+            notes.append(f"{c.key}: no predictions (its checkpoint is not under {m.runs})")
+        preds[c.key] = {i: np.array(Image.open(qdir / f"{i}.png")) > 0 for i in ids if (qdir / f"{i}.png").is_file()}
+    plt = _plt()
+    cols = 2 + len(shown)
+    fig, axes = plt.subplots(len(ids), cols, figsize=(1.6 * cols, 1.6 * len(ids)), squeeze=False)
+    for r, i in enumerate(ids):
+        canon = load_canonical(samples[i], size, cache_dir)
+        panels = [("image", canon.image, None), ("ground truth", canon.image, canon.mask > 0)]
+        panels += [(f"{c.method}\n({c.network})", canon.image, preds[c.key].get(i)) for c in shown]
+        for col, (title, img, mk) in enumerate(panels):
+            ax = axes[r][col]
+            ax.imshow(img)
+            if mk is not None:
+                ax.contour(mk, levels=[0.5], colors="#00ff66" if title == "ground truth" else "#ff3300", linewidths=1)
+            elif col > 1:
+                ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, color="white")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=7)
+        axes[r][0].set_ylabel(f"{i[:10]}\nmean Dice {mean[i]:.2f}", fontsize=6)
+    fig.suptitle(f"{ds}, {lab * 100:.0f}% labels: easiest to hardest test images (mean Dice over the methods)",
+                 fontsize=8)
+    return _png(fig), notes
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+def _md_table_to_html(md: str) -> str:
+    """The Markdown of these tables (headings, paragraphs, pipe tables) as HTML."""
+    out, rows = [], []
+
+    def flush() -> None:
+        if rows:
+            head, body = rows[0], [r for r in rows[2:]]
+            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "</tbody></table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level + 1}>{html.escape(line.lstrip('#').strip())}</h{level + 1}>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def report_html(m: Manifest, sections: list[tuple[str, str]], figures: list[tuple[str, bytes | None, str]]) -> str:
+    css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+           "table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+           "font-size:13px;text-align:left}th{background:#f0f3f8}img{max-width:100%;border:1px solid #ddd}"
+           "figure{margin:1em 0}figcaption{font-size:13px;color:#555}")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>lesion-kd: reproduce-table ({m.profile})</title>"
+             f"<style>{css}</style></head><body>", f"<h1>lesion-kd comparison report: {html.escape(m.profile)} profile</h1>"]
+    for _, md in sections:
+        parts.append(_md_table_to_html(md))
+    for title, png, caption in figures:
+        if png is None:
+            parts.append(f"<h2>{html.escape(title)}</h2><p>nothing to show yet.</p>")
+            continue
+        data = base64.b64encode(png).decode()
+        parts.append(f"<h2>{html.escape(title)}</h2><figure><img alt='{html.escape(title)}' "
+                     f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+    # for headless checks: how many images decoded once the page has loaded
+    parts.append("<script>window.addEventListener('load',()=>{document.body.dataset.imagesLoaded="
+                 "[...document.images].filter(i=>i.complete&&i.naturalWidth>0).length;});</script></body></html>")
+    return "\n".join(parts)
+
+
+def write_outputs(m: Manifest) -> list[Path]:
+    """Write the five outputs (and figures/*.png) to ``m.out``; returns their paths."""
+    out = m.out
+    out.mkdir(parents=True, exist_ok=True)
+    table_agg, table_missing = _cells_rows(m, "table")
+    abl_agg, abl_missing = _cells_rows(m, "ablation")
+    eff = m.efficiency
+    eff_doc = efficiency.load_or_measure(m.results, eff.get("size", 256), eff.get("batch", 8), eff.get("repeats", 5))
+    texts = {"table.md": table_markdown(m, table_agg, table_missing), "table.csv": table_csv(table_agg),
+             "ablation.md": ablation_markdown(m, abl_agg, abl_missing),
+             "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc)}"}
+    table_cells = [c for c in m.cells if c.part == "table"]
+    qual, notes = qualitative_figure(m, table_cells)
+    figures = [("Test Dice per method", dice_figure(table_agg), "mean ± std over seeds"),
+               ("Training curves", curves_figure(m, table_cells + [c for c in m.cells if c.part == "ablation"]),
+                "validation Dice during training, from each cell's metrics.csv"),
+               ("Qualitative examples", qual, "green: ground truth; red: prediction. " + " ".join(notes))]
+    paths = []
+    for name, text in texts.items():
+        atomic_write_bytes(out / name, text.encode())
+        paths.append(out / name)
+    (out / "figures").mkdir(exist_ok=True)
+    for (_title, png, _), name in zip(figures, ("dice.png", "curves.png", "qualitative.png"), strict=True):
+        if png is not None:
+            atomic_write_bytes(out / "figures" / name, png)
+    page = report_html(m, [(k, v) for k, v in texts.items() if k.endswith(".md")], figures)
+    atomic_write_bytes(out / "report.html", page.encode())
+    paths.append(out / "report.html")
+    return paths

@@ -1,0 +1,295 @@
+"""``lesion-kd reproduce-table``: run every cell of a manifest that has no finished result, then write the
+comparison table, the ablation table, the efficiency table and an HTML report.
+
+    lesion-kd reproduce-table --profile smoke --out runs/reproduce/smoke/report     # CI: minutes
+    lesion-kd reproduce-table --profile cpu --only dataset=kvasir-seg                # the real comparison
+    lesion-kd reproduce-table --profile paper --gpus 0,1,2,3                         # 4 cells at a time
+
+A manifest (``experiments/reproduce/<profile>.yaml``) names the training profile, the datasets, label
+fractions, methods (a method config and its network) and seeds of the comparison table, the ablation rows
+and the efficiency measurements. A cell is finished when ``<results>/<dataset>/<method>-<network>-<labels>pct-
+seed<k>/`` holds its ``metrics.json`` (written last, atomically, by ``lesion-kd fit --results_root``), so
+cells run by anyone before (other issues, earlier sittings) are reused, and a cell killed halfway is never
+counted: it is run again with ``--ckpt_path last`` and continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "experiments" / "reproduce"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be run; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    part: str  # "table" (Table 1 and the upper bound) or "ablation"
+    dataset: str
+    data_config: str
+    labels: float
+    method: str  # the method config's name = the results name (experiments/method/<method>.yaml)
+    network: str
+    seed: int
+    override_network: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.network}-{round(self.labels * 100)}pct-seed{self.seed}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.name}"
+
+
+@dataclass
+class Manifest:
+    path: Path
+    profile: str
+    results: Path
+    runs: Path
+    out: Path
+    cells: list[Cell]
+    ablation: dict
+    efficiency: dict
+    fit_args: list[str] = field(default_factory=list)
+    budget: str = ""
+
+
+def _default_network(method_config: Path) -> str:
+    """The network a method config trains: its ``network`` init arg, else the class's default."""
+    doc = yaml.safe_load(method_config.read_text())
+    init = (doc.get("model") or {}).get("init_args") or {}
+    if "network" in init:
+        return str(init["network"])
+    module, _, cls = doc["model"]["class_path"].rpartition(".")
+    import importlib
+
+    klass = getattr(importlib.import_module(module), cls)
+    for c in klass.__mro__:  # the first class in the chain that declares the argument
+        p = inspect.signature(c.__init__).parameters.get("network")
+        if p is not None and p.default is not inspect.Parameter.empty:
+            return str(p.default)
+    return "unet"
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO / p
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """Read and check a manifest: every referenced config exists, every list is well-formed."""
+    path = Path(path)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in MANIFESTS.glob("*.yaml")))
+        raise ManifestError(f"{path}: no such manifest (profiles: {known})")
+    doc = yaml.safe_load(path.read_text()) or {}
+
+    def need(key: str, kind: type):
+        if key not in doc:
+            raise ManifestError(f"{path}: missing key {key!r}")
+        if not isinstance(doc[key], kind):
+            raise ManifestError(f"{path}: {key!r} must be a {kind.__name__}, got {doc[key]!r}")
+        return doc[key]
+
+    def config(kind: str, name: str) -> Path:
+        p = REPO / "experiments" / kind / f"{name}.yaml"
+        if not p.is_file():
+            raise ManifestError(f"{path}: {kind} config {name!r} not found ({p})")
+        return p
+
+    unknown = set(doc) - {"profile", "results", "runs", "out", "datasets", "seeds", "table", "ablation",
+                          "efficiency", "fit_args", "budget"}
+    if unknown:
+        raise ManifestError(f"{path}: unknown keys {sorted(unknown)}")
+    profile = need("profile", str)
+    config("profile", profile)
+    datasets = need("datasets", list)
+    seeds = need("seeds", list)
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ManifestError(f"{path}: 'seeds' must be a non-empty list of integers")
+    cells: list[Cell] = []
+
+    def add(part: str, dataset: str, labels: float, entry: dict | str) -> None:
+        entry = {"method": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ManifestError(f"{path}: a method entry must be a name or {{method: NAME, network: NET}}, got {entry!r}")
+        if not 0 < float(labels) <= 1:
+            raise ManifestError(f"{path}: label fraction {labels} must be in (0, 1]")
+        mcfg = config("method", entry["method"])
+        network = entry.get("network") or _default_network(mcfg)
+        for seed in seeds:
+            cells.append(Cell(part, dataset, str(config("data", dataset).relative_to(REPO)), float(labels),
+                              entry["method"], network, int(seed), override_network="network" in entry))
+
+    table = need("table", dict)
+    for group in table.get("groups", []):
+        for dataset in group.get("datasets", datasets):
+            for labels in group["labels"]:
+                for entry in group["methods"]:
+                    add("table", dataset, labels, entry)
+    ablation = doc.get("ablation") or {}
+    for row in ablation.get("rows", []):
+        add("ablation", ablation["dataset"], ablation["labels"], row)
+    unique: dict[str, Cell] = {}
+    for c in cells:  # the full method is both a table row and an ablation row: one run
+        unique.setdefault(c.key, c)
+    return Manifest(path=path, profile=profile, results=_resolve(doc.get("results", f"runs/reproduce/{path.stem}/results")),
+                    runs=_resolve(doc.get("runs", f"runs/reproduce/{path.stem}/runs")),
+                    out=_resolve(doc.get("out", f"runs/reproduce/{path.stem}/report")), cells=list(unique.values()),
+                    ablation=ablation, efficiency=doc.get("efficiency") or {}, fit_args=[str(a) for a in doc.get("fit_args", [])],
+                    budget=str(doc.get("budget", "")))
+
+
+def select(cells: list[Cell], only: list[str]) -> list[Cell]:
+    """Keep the cells matching every ``key=value[,value...]`` filter (keys: part, dataset, labels, method,
+    network, seed)."""
+    keep = cells
+    for f in only:
+        key, sep, values = f.partition("=")
+        if not sep or key not in {"part", "dataset", "labels", "method", "network", "seed"}:
+            raise ManifestError(f"--only {f!r}: expected KEY=VALUE with KEY one of part, dataset, labels, method, "
+                                "network, seed")
+        allowed = values.split(",")
+        keep = [c for c in keep if str(getattr(c, key)) in allowed
+                or (key == "labels" and any(float(v) == c.labels for v in allowed if _is_float(v)))]
+    return keep
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def cell_dir(m: Manifest, cell: Cell) -> Path:
+    return m.results / cell.dataset / cell.name
+
+
+def is_finished(m: Manifest, cell: Cell) -> bool:
+    """metrics.json is the last file a finished run publishes (atomically): its presence means done."""
+    return (cell_dir(m, cell) / "metrics.json").is_file()
+
+
+def fit_command(m: Manifest, cell: Cell) -> list[str]:
+    cmd = [sys.executable, "-m", "lesion_kd.cli", "fit",
+           "--config", cell.data_config, "--config", f"experiments/method/{cell.method}.yaml",
+           "--config", f"experiments/profile/{m.profile}.yaml",
+           "--data.labeled_fraction", str(cell.labels), "--seed_everything", str(cell.seed),
+           "--trainer.default_root_dir", str(m.runs / cell.dataset / cell.name),
+           "--results_root", str(m.results), "--ckpt_path", "last", "--trainer.enable_progress_bar", "false"]
+    if cell.override_network:
+        cmd += ["--model.network", cell.network]
+    return cmd + m.fit_args
+
+
+def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> list[dict]:
+    """Run the unfinished cells, ``jobs`` at a time (one per listed GPU when --gpus is given)."""
+    todo = [c for c in cells if not is_finished(m, c)]
+    done = len(cells) - len(todo)
+    print(f"reproduce-table: {len(cells)} cells, {done} finished, {len(todo)} to run "
+          f"({m.path.relative_to(REPO) if m.path.is_relative_to(REPO) else m.path})", flush=True)
+    slots = gpus or [None] * max(1, jobs)
+    running: dict[subprocess.Popen, tuple[Cell, str | None, float, Path]] = {}
+    failures: list[dict] = []
+    queue = list(todo)
+    n = 0
+    while queue or running:
+        while queue and len(running) < len(slots):
+            free = [s for s in slots if s not in {v[1] for v in running.values()}] if gpus else [None]
+            cell, gpu = queue.pop(0), free[0]
+            n += 1
+            run_dir = m.runs / cell.dataset / cell.name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = run_dir / "fit.log"
+            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+            where = f" on GPU {gpu}" if gpu is not None else ""
+            print(f"[{done + n}/{len(cells)}] {cell.key}{where}: running (log: {log})", flush=True)
+            with open(log, "a") as fh:
+                proc = subprocess.Popen(fit_command(m, cell), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            running[proc] = (cell, gpu, time.monotonic(), log)
+        time.sleep(0.5)
+        for proc in [p for p in running if p.poll() is not None]:
+            cell, _, t0, log = running.pop(proc)
+            wall = time.monotonic() - t0
+            if proc.returncode == 0 and is_finished(m, cell):
+                _write_timing(m, cell, wall)
+                dice = json.loads((cell_dir(m, cell) / "metrics.json").read_text())["dice"]["mean"]
+                print(f"  {cell.key}: done in {wall / 60:.1f} min, test Dice {dice:.4f}", flush=True)
+            else:
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                failures.append({"cell": cell.key, "returncode": proc.returncode, "log": str(log)})
+                print(f"  {cell.key}: FAILED (exit {proc.returncode}); last lines of {log}:\n    "
+                      + "\n    ".join(tail), flush=True)
+    return failures
+
+
+def _write_timing(m: Manifest, cell: Cell, wall: float) -> None:
+    from ..data.io import atomic_write_bytes
+    from .efficiency import machine_summary
+
+    doc = {"wall_s": round(wall, 1), "machine": machine_summary(), "profile": m.profile}
+    atomic_write_bytes(cell_dir(m, cell) / "timing.json", (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lesion-kd reproduce-table", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--profile", default="smoke",
+                   help="manifest experiments/reproduce/<PROFILE>.yaml (smoke, cpu, paper) or a path to a manifest")
+    p.add_argument("--out", default=None, help="folder for table.md, table.csv, ablation.md, efficiency.md, "
+                                               "report.html (default: the manifest's 'out')")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="run only the matching cells (repeatable; KEY: part, dataset, labels, method, network, "
+                        "seed; VALUE may list several, comma-separated); the tables show every finished cell")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids: one cell runs on each at a time")
+    p.add_argument("--jobs", type=int, default=1, help="cells at a time without --gpus (CPU: 1 uses both cores)")
+    p.add_argument("--report-only", action="store_true", help="run nothing: tables and report from finished cells")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their commands, run nothing")
+    args = p.parse_args(argv)
+    manifest_path = Path(args.profile) if args.profile.endswith((".yaml", ".yml")) else MANIFESTS / f"{args.profile}.yaml"
+    try:
+        m = load_manifest(manifest_path)
+        cells = select(m.cells, args.only)
+    except ManifestError as e:
+        print(f"lesion-kd reproduce-table: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        m.out = Path(args.out).resolve()
+    if args.dry_run:
+        for c in cells:
+            state = "finished" if is_finished(m, c) else "to run"
+            print(f"{c.key} [{c.part}] ({state}):\n  {' '.join(fit_command(m, c))}")
+        return 0
+    t0 = time.monotonic()
+    failures = [] if args.report_only else run_cells(m, cells, [g for g in args.gpus.split(",") if g], args.jobs)
+    from .report import write_outputs
+
+    outputs = write_outputs(m)
+    print(f"reproduce-table: wrote {', '.join(str(o) for o in outputs)} in {time.monotonic() - t0:.0f} s", flush=True)
+    if failures:
+        print(f"reproduce-table: {len(failures)} cell(s) failed: " + ", ".join(f["cell"] for f in failures),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["Cell", "Manifest", "ManifestError", "asdict", "is_finished", "load_manifest", "main", "select"]

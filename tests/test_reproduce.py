@@ -1,0 +1,161 @@
+"""``reproduce-table``: the smoke manifest end to end through ``make reproduce-table`` on real Kvasir-SEG data (all
+five outputs; a second invocation runs nothing), a cell killed mid-run is not reported and is resumed, the report
+renders in headless Chromium with its tables and images, and manifest mistakes are named."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_cli import REPO
+
+from lesion_kd.reporting.reproduce import ManifestError, load_manifest, select
+
+OUTPUTS = ("table.md", "table.csv", "ablation.md", "efficiency.md", "report.html")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def manifest(tmp: Path, **changes) -> Path:
+    doc = yaml.safe_load((REPO / "experiments/reproduce/smoke.yaml").read_text())
+    doc.update(results=str(tmp / "results"), runs=str(tmp / "runs"), out=str(tmp / "report"), **changes)
+    path = tmp / "manifest.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def make_reproduce(path: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LESION_KD_DATA": str(data_dir)}
+    proc = subprocess.run(["make", "-s", "reproduce-table", f"PROFILE={path}", f"REPRODUCE_ARGS={' '.join(extra)}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("reproduce")
+    path = manifest(tmp)
+    return tmp, make_reproduce(path, data_dir)
+
+
+@pytest.mark.slow
+def test_smoke_manifest_writes_the_five_outputs(smoke):
+    tmp, proc = smoke
+    assert "6 cells, 0 finished, 6 to run" in proc.stdout
+    for name in OUTPUTS:
+        assert (tmp / "report" / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((tmp / "report/table.csv").open()))
+    assert list(rows[0]) == ["dataset", "labels", "method", "network", "dice_mean", "dice_std", "iou_mean", "iou_std",
+                             "hd95_mean", "hd95_std", "asd_mean", "asd_std", "seeds"]
+    cells = {(r["method"], r["network"], float(r["labels"])) for r in rows}
+    assert cells == {("supervised", "unet", 0.1), ("supervised", "mamba_unet", 0.1), ("mean_teacher", "unet", 0.1),
+                     ("semikd", "mamba_unet", 0.1), ("supervised", "unet", 1.0)}
+    assert all(0 <= float(r["dice_mean"]) <= 1 and r["seeds"] == "1" for r in rows)
+    ablation = (tmp / "report/ablation.md").read_text()
+    assert "| semikd_sup | L_sup only |" in ablation and "| semikd | L_sup + L_pckd + L_dss" in ablation
+    eff = (tmp / "report/efficiency.md").read_text()
+    assert "| student (mamba_unet) | 64x64 | 1.334 |" in eff and "teacher (LiteMedSAM" in eff
+    assert "the paper's Table 1" in (tmp / "report/table.md").read_text()
+    page = (tmp / "report/report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page and "http" not in page.split("<body>")[0]
+
+
+@pytest.mark.slow
+def test_second_invocation_finds_every_cell_done(smoke, data_dir):
+    tmp, _ = smoke
+    results = sorted((tmp / "results").rglob("metrics.json"))
+    before = {p: p.stat().st_mtime_ns for p in results}
+    t0 = time.monotonic()
+    proc = make_reproduce(tmp / "manifest.yaml", data_dir)
+    print(f"second invocation: {time.monotonic() - t0:.1f} s")
+    assert "6 cells, 6 finished, 0 to run" in proc.stdout and "running" not in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in results} == before  # nothing retrained or republished
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (CI installs Debian's chromium)")
+def test_report_renders_in_headless_chromium_with_tables_and_images(smoke, tmp_path):
+    tmp, _ = smoke
+    url = (tmp / "report/report.html").as_uri()
+    dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--virtual-time-budget=10000",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-images-loaded="3"' in dom  # the three figures decoded after load
+    assert dom.count("<table>") >= 4 and "semikd" in dom and "Qualitative examples" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1280,2400",
+                    f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(shot).convert("L"))
+    assert img.shape == (2400, 1280) and img.std() > 20  # a page with content, not a blank or error page
+
+
+@pytest.mark.slow
+def test_a_cell_killed_mid_run_is_not_reported_and_is_resumed(tmp_path, data_dir):
+    # one cell, long enough to be killed between two of its checkpoints
+    path = manifest(tmp_path, table={"groups": [{"labels": [0.1], "methods": [{"method": "supervised", "network": "unet"}]}]},
+                    ablation={}, fit_args=["--trainer.max_steps", "60", "--trainer.val_check_interval", "30",
+                                           "--checkpoint.last_every_n_steps", "5"])
+    env = {**os.environ, "LESION_KD_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lesion_kd.cli", "reproduce-table", "--profile", str(path)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cell = tmp_path / "runs/kvasir-seg/supervised-unet-10pct-seed0"
+    deadline = time.time() + 300
+    while not (list(cell.rglob("last.ckpt")) and "at step 10" in _read(cell / "fit.log")):
+        assert time.time() < deadline and proc.poll() is None, _read(cell / "fit.log")[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its training process
+    proc.wait(timeout=60)
+    assert not (tmp_path / "results/kvasir-seg/supervised-unet-10pct-seed0/metrics.json").exists()
+
+    out = subprocess.run([sys.executable, "-m", "lesion_kd.cli", "reproduce-table", "--profile", str(path),
+                          "--report-only"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Not run yet: `kvasir-seg/supervised-unet-10pct-seed0`" in (tmp_path / "report/table.md").read_text()
+    assert len(list(csv.DictReader((tmp_path / "report/table.csv").open()))) == 0
+
+    out = subprocess.run([sys.executable, "-m", "lesion_kd.cli", "reproduce-table", "--profile", str(path)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "1 cells, 0 finished, 1 to run" in out.stdout
+    assert "--ckpt_path last: resuming" in _read(cell / "fit.log")
+    assert (tmp_path / "results/kvasir-seg/supervised-unet-10pct-seed0/metrics.json").is_file()
+    assert len(list(csv.DictReader((tmp_path / "report/table.csv").open()))) == 1
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def test_manifest_mistakes_are_named(tmp_path):
+    with pytest.raises(ManifestError, match="method config 'no_such_method' not found"):
+        load_manifest(manifest(tmp_path, table={"groups": [{"labels": [0.1], "methods": ["no_such_method"]}]}))
+    with pytest.raises(ManifestError, match=r"label fraction 1.5 must be in \(0, 1\]"):
+        load_manifest(manifest(tmp_path, table={"groups": [{"labels": [1.5], "methods": ["supervised"]}]}))
+    with pytest.raises(ManifestError, match="unknown keys \\['sedes'\\]"):
+        load_manifest(manifest(tmp_path, sedes=[0]))
+    with pytest.raises(ManifestError, match="no such manifest"):
+        load_manifest(tmp_path / "nope.yaml")
+
+
+def test_grid_expands_and_filters():
+    m = load_manifest(REPO / "experiments/reproduce/cpu.yaml")
+    keys = {c.key for c in m.cells}
+    assert "kvasir-seg/semikd-mamba_unet-20pct-seed0" in keys and "busi/supervised-unet-100pct-seed0" in keys
+    assert "kvasir-seg/semikd_featkd-mamba_unet-10pct-seed0" in keys
+    assert len([c for c in m.cells if c.method == "semikd" and c.dataset == "kvasir-seg" and c.labels == 0.1]) == 1
+    kv = select(m.cells, ["dataset=kvasir-seg", "part=table", "labels=0.1,0.2"])
+    assert kv and all(c.dataset == "kvasir-seg" and c.labels in (0.1, 0.2) and c.part == "table" for c in kv)
+    with pytest.raises(ManifestError, match="--only"):
+        select(m.cells, ["colour=red"])
