@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data.io import atomic_write_bytes
 from . import efficiency
-from .reproduce import Cell, Manifest, cell_dir, is_finished
+from .reproduce import REPO, Cell, Manifest, cell_dir, is_finished
 from .tables import aggregate, collect
 
 CSV_COLUMNS = ["dataset", "labels", "method", "network", "dice_mean", "dice_std", "iou_mean", "iou_std",
@@ -186,9 +186,25 @@ def curves_figure(m: Manifest, cells: list[Cell]) -> bytes | None:
 
 
 def _best_checkpoint(m: Manifest, c: Cell) -> Path | None:
+    """The cell's best checkpoint: under the manifest's runs folder, else in the run directory its published
+    config.yaml came from (cells run by hand with --results_root: same config file, byte for byte)."""
+    import yaml
+
     found = sorted((m.runs / c.dataset / c.name).glob("lightning_logs/version_*/checkpoints/best-*.ckpt"),
                    key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    published = cell_dir(m, c) / "config.yaml"
+    if not published.is_file():
+        return None
+    root = Path((yaml.safe_load(published.read_text()).get("trainer") or {}).get("default_root_dir") or "")
+    root = root if root.is_absolute() else REPO / root  # relative to the repository, where runs start
+    for cfg in root.glob("lightning_logs/version_*/config.yaml"):
+        if cfg.read_bytes() == published.read_bytes():
+            found = sorted(cfg.parent.glob("checkpoints/best-*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if found:
+                return found[-1]
+    return None
 
 
 def _test_samples(config_path: Path):
