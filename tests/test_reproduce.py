@@ -159,3 +159,30 @@ def test_grid_expands_and_filters():
     assert kv and all(c.dataset == "kvasir-seg" and c.labels in (0.1, 0.2) and c.part == "table" for c in kv)
     with pytest.raises(ManifestError, match="--only"):
         select(m.cells, ["colour=red"])
+
+
+def test_cells_run_one_per_gpu_at_a_time(tmp_path, monkeypatch):
+    """The scheduler with --gpus 0,1: three cells, never more than two at once, each with its own GPU."""
+    import json
+
+    from lesion_kd.reporting import reproduce
+
+    m = load_manifest(manifest(tmp_path))
+    cells = [c for c in m.cells if c.part == "table"][:3]
+
+    def fake_fit(m, cell):  # stands in for 'lesion-kd fit': records its GPU and time span, publishes metrics.json
+        out = reproduce.cell_dir(m, cell)
+        script = ("import json, os, time, pathlib; t0 = time.time(); time.sleep(1.0); "
+                  f"p = pathlib.Path({str(out)!r}); p.mkdir(parents=True, exist_ok=True); "
+                  "(p / 'span.json').write_text(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), t0, time.time()])); "
+                  "(p / 'metrics.json').write_text(json.dumps({'dice': {'mean': 0.5}}))")
+        return [sys.executable, "-c", script]
+
+    monkeypatch.setattr(reproduce, "fit_command", fake_fit)
+    monkeypatch.setattr(reproduce, "_write_timing", lambda *a: None)
+    assert reproduce.run_cells(m, cells, gpus=["0", "1"], jobs=1) == []
+    spans = [json.loads((reproduce.cell_dir(m, c) / "span.json").read_text()) for c in cells]
+    assert sorted(s[0] for s in spans[:2]) == ["0", "1"] and spans[2][0] in ("0", "1")
+    for t in [s[1] for s in spans] + [s[2] for s in spans]:
+        assert sum(s[1] <= t < s[2] for s in spans) <= 2
+    assert min(s[2] for s in spans[:2]) <= spans[2][1]  # the third waited for a free GPU

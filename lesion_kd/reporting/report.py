@@ -124,11 +124,11 @@ def ablation_markdown(m: Manifest, agg: list[dict], missing: list[Cell]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- figures
-def _png(fig) -> bytes:
+def _png(fig, dpi: int = 110) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
@@ -292,7 +292,7 @@ def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, li
         axes[r][0].set_ylabel(f"{i[:10]}\nmean Dice {mean[i]:.2f}", fontsize=6)
     fig.suptitle(f"{ds}, {lab * 100:.0f}% labels: easiest to hardest test images (mean Dice over the methods)",
                  fontsize=8)
-    return _png(fig), notes
+    return _png(fig, dpi=72), notes  # many small panels: the page stays light
 
 
 # ----------------------------------------------------------------------------------------------- HTML
