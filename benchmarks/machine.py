@@ -1,18 +1,9 @@
 """What the benchmark scripts print about the machine they ran on (imported as a sibling module: the
-scripts run as ``python benchmarks/<script>.py``, which puts this folder on ``sys.path``)."""
+scripts run as ``python benchmarks/<script>.py``, which puts this folder on ``sys.path``). The same
+description as the efficiency table of ``reproduce-table``."""
 
 from __future__ import annotations
 
-import platform
+from lesion_kd.reporting.efficiency import cpu_model
 
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+__all__ = ["cpu_model"]
