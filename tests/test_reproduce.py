@@ -122,7 +122,7 @@ def test_a_cell_killed_mid_run_is_not_reported_and_is_resumed(tmp_path, data_dir
     out = subprocess.run([sys.executable, "-m", "lesion_kd.cli", "reproduce-table", "--profile", str(path),
                           "--report-only"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Not run yet: `kvasir-seg/supervised-unet-10pct-seed0`" in (tmp_path / "report/table.md").read_text()
+    assert "- kvasir-seg, 10% labels: supervised-unet-seed0" in (tmp_path / "report/table.md").read_text()
     assert len(list(csv.DictReader((tmp_path / "report/table.csv").open()))) == 0
 
     out = subprocess.run([sys.executable, "-m", "lesion_kd.cli", "reproduce-table", "--profile", str(path)], cwd=REPO,

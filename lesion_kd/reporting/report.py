@@ -74,11 +74,19 @@ def table_markdown(m: Manifest, agg: list[dict], missing: list[Cell]) -> str:
                          f"{_fmt(r, 'hd95', 1)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'asd', 1)} | {r['seeds']} |")
         lines.append("")
     if missing:
-        lines += ["Not run yet: " + ", ".join(f"`{c.key}`" for c in missing), ""]
+        lines += [f"Not run yet ({len(missing)} cells):", ""] + [f"- {g}: {', '.join(names)}" for g, names in _grouped(missing)] + [""]
     lines += ["## For reference: the paper's Table 1 (its own dataset, the MSD lesion task; not comparable number for "
               "number)", "", "| method | labels | Dice % | HD px |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in PAPER_TABLE1]
     return "\n".join(lines) + "\n"
+
+
+def _grouped(cells: list[Cell]) -> list[tuple[str, list[str]]]:
+    """Unfinished cells by dataset and label fraction: ("kvasir-seg, 10%", ["mean_teacher-unet-seed0", ...])."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for c in cells:
+        groups[f"{c.dataset}, {c.labels * 100:.0f}% labels"].append(f"{c.method}-{c.network}-seed{c.seed}")
+    return list(groups.items())
 
 
 def _order(m: Manifest, method: str, network: str) -> int:
