@@ -171,6 +171,9 @@ def curves_figure(m: Manifest, cells: list[Cell]) -> bytes | None:
     series = []
     for c in cells:
         path = cell_dir(m, c) / "metrics.csv"
+        if not path.is_file() and is_finished(m, c):  # published before results carried the log: its run's
+            run = _run_dir(m, c)
+            path = run / "metrics.csv" if run else path
         if not path.is_file():
             continue
         pts = sorted({int(float(r["step"])): float(r["val/dice"]) for r in csv.DictReader(path.open())
@@ -193,15 +196,15 @@ def curves_figure(m: Manifest, cells: list[Cell]) -> bytes | None:
     return _png(fig)
 
 
-def _best_checkpoint(m: Manifest, c: Cell) -> Path | None:
-    """The cell's best checkpoint: under the manifest's runs folder, else in the run directory its published
-    config.yaml came from (cells run by hand with --results_root: same config file, byte for byte)."""
+def _run_dir(m: Manifest, c: Cell) -> Path | None:
+    """The cell's run directory: under the manifest's runs folder, else the one its published config.yaml
+    came from (cells run by hand with --results_root: the same config file, byte for byte)."""
     import yaml
 
-    found = sorted((m.runs / c.dataset / c.name).glob("lightning_logs/version_*/checkpoints/best-*.ckpt"),
+    found = sorted((m.runs / c.dataset / c.name).glob("lightning_logs/version_*/config.yaml"),
                    key=lambda p: p.stat().st_mtime)
     if found:
-        return found[-1]
+        return found[-1].parent
     published = cell_dir(m, c) / "config.yaml"
     if not published.is_file():
         return None
@@ -209,10 +212,14 @@ def _best_checkpoint(m: Manifest, c: Cell) -> Path | None:
     root = root if root.is_absolute() else REPO / root  # relative to the repository, where runs start
     for cfg in root.glob("lightning_logs/version_*/config.yaml"):
         if cfg.read_bytes() == published.read_bytes():
-            found = sorted(cfg.parent.glob("checkpoints/best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if found:
-                return found[-1]
+            return cfg.parent
     return None
+
+
+def _best_checkpoint(m: Manifest, c: Cell) -> Path | None:
+    run = _run_dir(m, c)
+    found = sorted(run.glob("checkpoints/best-*.ckpt"), key=lambda p: p.stat().st_mtime) if run else []
+    return found[-1] if found else None
 
 
 def _test_samples(config_path: Path):
@@ -252,7 +259,12 @@ def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, li
     k = QUALITATIVE_ROWS // 3
     mid = len(ranked) // 2
     ids = list(dict.fromkeys(ranked[:k] + ranked[mid - k // 2: mid - k // 2 + k] + ranked[-k:]))
-    samples, size, cache_dir = _test_samples(cell_dir(m, shown[0]) / "config.yaml")
+    from ..data.io import DataError
+
+    try:
+        samples, size, cache_dir = _test_samples(cell_dir(m, shown[0]) / "config.yaml")
+    except DataError as e:  # the tables need only the results; the pictures need the images
+        return None, [f"qualitative examples need the test images: {e}"]
     preds: dict[str, dict[str, np.ndarray]] = {}
     for c in shown:
         qdir = cell_dir(m, c) / "qualitative"
@@ -281,7 +293,7 @@ def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, li
         preds[c.key] = {i: np.array(Image.open(qdir / f"{i}.png")) > 0 for i in ids if (qdir / f"{i}.png").is_file()}
     plt = _plt()
     cols = 2 + len(shown)
-    fig, axes = plt.subplots(len(ids), cols, figsize=(1.6 * cols, 1.6 * len(ids)), squeeze=False)
+    fig, axes = plt.subplots(len(ids), cols, figsize=(2.2 * cols, 2.2 * len(ids)), squeeze=False)
     for r, i in enumerate(ids):
         canon = load_canonical(samples[i], size, cache_dir)
         panels = [("image", canon.image, None), ("ground truth", canon.image, canon.mask > 0)]
@@ -296,11 +308,11 @@ def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, li
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(title, fontsize=7)
-        axes[r][0].set_ylabel(f"{i[:10]}\nmean Dice {mean[i]:.2f}", fontsize=6)
+                ax.set_title(title, fontsize=9)
+        axes[r][0].set_ylabel(f"{i[:12]}\nmean Dice {mean[i]:.2f}", fontsize=8)
     fig.suptitle(f"{ds}, {lab * 100:.0f}% labels: easiest to hardest test images (mean Dice over the methods)",
                  fontsize=8)
-    return _png(fig, dpi=72), notes  # many small panels: the page stays light
+    return _png(fig, dpi=80), notes  # many small panels: the page stays light
 
 
 # ----------------------------------------------------------------------------------------------- HTML
@@ -341,7 +353,7 @@ def report_html(m: Manifest, sections: list[tuple[str, str]], figures: list[tupl
         parts.append(_md_table_to_html(md))
     for title, png, caption in figures:
         if png is None:
-            parts.append(f"<h2>{html.escape(title)}</h2><p>nothing to show yet.</p>")
+            parts.append(f"<h2>{html.escape(title)}</h2><p>nothing to show yet. {html.escape(caption)}</p>")
             continue
         data = base64.b64encode(png).decode()
         parts.append(f"<h2>{html.escape(title)}</h2><figure><img alt='{html.escape(title)}' "
