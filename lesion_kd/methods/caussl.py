@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .components import AuxiliaryOptimizer, consistency_weight, split_batch, total_steps
-from .cps import CPS, cross_pseudo_supervision
+from .components import AuxiliaryOptimizer, consistency_weight, total_steps
+from .cps import CPS
 
 
 def conv_weights(net: nn.Module) -> list[torch.Tensor]:
@@ -157,13 +157,8 @@ class CauSSL(CPS):
         t, total = self.global_step, total_steps(self)
         if t > hp.max_start * total and t % hp.max_interval == 0:
             self.log("train/dependence_after_max", self.max_step(), batch_size=1)
-        lab, unl = split_batch(batch)
-        n = lab["mask"].shape[0]
-        x = torch.cat([lab["image_weak"], unl["image_weak"]])
-        logits1, logits2 = self.net(x), self.net2(x)
-        sup1 = self.supervised_loss(logits1[:n], lab["mask"])
-        sup2 = self.supervised_loss(logits2[:n], lab["mask"])
-        cps1, cps2 = cross_pseudo_supervision(logits1[n:], logits2[n:])
+        n, terms = self.cps_losses(batch)
+        sup1, sup2, cps1, cps2 = terms["sup"], terms["sup2"], terms["cps"], terms["cps2"]
         w = (
             consistency_weight(self, hp.consistency, hp.ramp_fraction) * hp.cps_scale
             if t > hp.cps_start * total
@@ -174,18 +169,7 @@ class CauSSL(CPS):
         loss = sup1 + sup2 + w * (cps1 + cps2) + lam * (dep1 + dep2)
         self.log("train/consistency_weight", w, batch_size=n)
         self.log("train/dependence_weight", lam, batch_size=n)
-        self.log_losses(
-            {
-                "loss": loss,
-                "sup": sup1,
-                "sup2": sup2,
-                "cps": cps1,
-                "cps2": cps2,
-                "dependence": dep1,
-                "dependence2": dep2,
-            },
-            batch_size=n,
-        )
+        self.log_losses({"loss": loss, **terms, "dependence": dep1, "dependence2": dep2}, batch_size=n)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

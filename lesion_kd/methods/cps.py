@@ -87,15 +87,21 @@ class CPS(SegmentationModule):
         init_weights(self.net, init1)
         init_weights(self.net2, init2)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        hp = self.hparams
+    def cps_losses(self, batch: dict) -> tuple[int, dict[str, torch.Tensor]]:
+        """Both networks on the labeled + unlabeled weak views: the labeled batch size and
+        ``sup`` / ``sup2`` (each network's L_sup) and ``cps`` / ``cps2`` (cross pseudo supervision)."""
         lab, unl = split_batch(batch)
         n = lab["mask"].shape[0]
         x = torch.cat([lab["image_weak"], unl["image_weak"]])
         logits1, logits2 = self.net(x), self.net2(x)
-        sup1 = self.supervised_loss(logits1[:n], lab["mask"])
-        sup2 = self.supervised_loss(logits2[:n], lab["mask"])
         cps1, cps2 = cross_pseudo_supervision(logits1[n:], logits2[n:])
+        return n, {"sup": self.supervised_loss(logits1[:n], lab["mask"]),
+                   "sup2": self.supervised_loss(logits2[:n], lab["mask"]), "cps": cps1, "cps2": cps2}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        n, terms = self.cps_losses(batch)
+        sup1, sup2, cps1, cps2 = terms["sup"], terms["sup2"], terms["cps"], terms["cps2"]
         w = consistency_weight(self, hp.consistency, hp.ramp_fraction)
         loss = sup1 + sup2 + w * (cps1 + cps2)
         self.log("train/consistency_weight", w, batch_size=n)
