@@ -22,16 +22,15 @@ def base(method: str) -> list[str]:
             "--config", "experiments/profile/smoke.yaml"]
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, data_dir):
-    """fit(method) -> its run directory; each method is fitted once per module (no test after fit)."""
+def fitter(tmp_path_factory, data_dir, extra: dict[str, list[str]] | None = None):
+    """fit(method) -> its run directory; each method is fitted once (no test after fit), with its extra args."""
     runs: dict[str, Path] = {}
 
     def fit(method: str) -> Path:
         if method not in runs:
             root = tmp_path_factory.mktemp(method)
-            lesion_kd("fit", *base(method), "--test_after_fit", "false", "--trainer.default_root_dir", str(root),
-                      env_extra={"LESION_KD_DATA": str(data_dir)})
+            lesion_kd("fit", *base(method), *(extra or {}).get(method, []), "--test_after_fit", "false",
+                      "--trainer.default_root_dir", str(root), env_extra={"LESION_KD_DATA": str(data_dir)})
             (cfg,) = root.rglob("config.yaml")
             runs[method] = cfg.parent
         return runs[method]
@@ -39,16 +38,27 @@ def fitted(tmp_path_factory, data_dir):
     return fit
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_smoke_fit_then_test_from_the_best_checkpoint(method, fitted, tmp_path, data_dir):
-    run = fitted(method)
-    assert f"class_path: lesion_kd.methods.{METHODS[method]}" in (run / "config.yaml").read_text()
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, data_dir):
+    return fitter(tmp_path_factory, data_dir)
+
+
+def check_test_from_the_best_checkpoint(run: Path, class_name: str, tmp_path: Path, data_dir: Path,
+                                        timeout: int = 300) -> None:
+    """The fitted run is of the class, and `lesion-kd test` from its best checkpoint writes sound metrics."""
+    assert f"class_path: lesion_kd.methods.{class_name}" in (run / "config.yaml").read_text()
     ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
     out = lesion_kd("test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),
-                    "--trainer.default_root_dir", str(tmp_path), env_extra={"LESION_KD_DATA": str(data_dir)})
+                    "--trainer.default_root_dir", str(tmp_path), env_extra={"LESION_KD_DATA": str(data_dir)},
+                    timeout=timeout)
     assert "metrics written to" in out.stdout
     m = json.loads((run_dir_of(tmp_path) / "metrics.json").read_text())
     assert m["n_images"] == 8 and 0.0 <= m["dice"]["mean"] <= 1.0
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_smoke_fit_then_test_from_the_best_checkpoint(method, fitted, tmp_path, data_dir):
+    check_test_from_the_best_checkpoint(fitted(method), METHODS[method], tmp_path, data_dir)
 
 
 def test_resumed_fit_restores_and_keeps_updating_the_ema_teacher(fitted, tmp_path, data_dir):

@@ -5,11 +5,10 @@ training the Mamba student."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from test_baselines_cli import base
+from test_baselines_cli import base, check_test_from_the_best_checkpoint, fitter
 from test_cli import lesion_kd, run_dir_of
 
 pytestmark = pytest.mark.slow
@@ -36,47 +35,12 @@ AUX_STATE = {"sassnet": "discriminator_optimizer", "caussl": "predictor_optimize
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, data_dir):
-    """fit(method) -> its run directory; each method is fitted once per module (no test after fit)."""
-    runs: dict[str, Path] = {}
-
-    def fit(method: str) -> Path:
-        if method not in runs:
-            root = tmp_path_factory.mktemp(method)
-            lesion_kd(
-                "fit",
-                *base(method),
-                *EXTRA.get(method, []),
-                "--test_after_fit",
-                "false",
-                "--trainer.default_root_dir",
-                str(root),
-                env_extra={"LESION_KD_DATA": str(data_dir)},
-            )
-            (cfg,) = root.rglob("config.yaml")
-            runs[method] = cfg.parent
-        return runs[method]
-
-    return fit
+    return fitter(tmp_path_factory, data_dir, EXTRA)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_smoke_fit_then_test_from_the_best_checkpoint(method, fitted, tmp_path, data_dir):
-    run = fitted(method)
-    assert f"class_path: lesion_kd.methods.{METHODS[method]}" in (run / "config.yaml").read_text()
-    ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
-    out = lesion_kd(
-        "test",
-        "--config",
-        str(run / "config.yaml"),
-        "--ckpt_path",
-        str(ckpt),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        env_extra={"LESION_KD_DATA": str(data_dir)},
-    )
-    assert "metrics written to" in out.stdout
-    m = json.loads((run_dir_of(tmp_path) / "metrics.json").read_text())
-    assert m["n_images"] == 8 and 0.0 <= m["dice"]["mean"] <= 1.0
+    check_test_from_the_best_checkpoint(fitted(method), METHODS[method], tmp_path, data_dir)
 
 
 @pytest.mark.parametrize("method", sorted(AUX_STATE))
