@@ -211,6 +211,7 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
     running: dict[subprocess.Popen, tuple[Cell, str | None, float, Path]] = {}
     failures: list[dict] = []
     queue = list(todo)
+    walls: list[float] = []
     n = 0
     while queue or running:
         while queue and len(running) < len(slots):
@@ -235,7 +236,10 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
             if proc.returncode == 0 and is_finished(m, cell):
                 _write_timing(m, cell, wall)
                 dice = json.loads((cell_dir(m, cell) / "metrics.json").read_text())["dice"]["mean"]
-                print(f"  {cell.key}: done in {wall / 60:.1f} min, test Dice {dice:.4f}", flush=True)
+                walls.append(wall)
+                left = (len(queue) + len(running)) * sum(walls) / len(walls) / len(slots)
+                print(f"  {cell.key}: done in {wall / 60:.1f} min, test Dice {dice:.4f}; "
+                      f"{len(queue) + len(running)} cell(s) left, about {left / 60:.0f} min at this pace", flush=True)
             else:
                 tail = log.read_text(errors="replace").splitlines()[-15:]
                 failures.append({"cell": cell.key, "returncode": proc.returncode, "log": str(log)})
