@@ -246,6 +246,10 @@ class LesionCheckpoint(ModelCheckpoint):
         self.last_every_n_steps, self.last_every_minutes = last_every_n_steps, last_every_minutes
         self._last_time, self._last_step = time.monotonic(), -1
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_time = time.monotonic()  # minutes of training, not of set-up (e.g. a teacher-cache fill)
+
     def write_last(self, trainer: L.Trainer) -> None:
         """Write last.ckpt now (once per step)."""
         if self.save_last and self._last_step != trainer.global_step and not trainer.sanity_checking:
