@@ -94,8 +94,13 @@ def test_two_process_cpu_ddp_fit_of_an_ema_teacher_method(tmp_path, data_dir):
 
 @pytest.mark.parametrize("method", ["mean_teacher", "cps", "bcp"])
 def test_smoke_fit_trains_the_mamba_student(method, tmp_path, data_dir):
+    check_smoke_fit_trains_the_mamba_student(method, tmp_path, data_dir)
+
+
+def check_smoke_fit_trains_the_mamba_student(method: str, tmp_path: Path, data_dir: Path, timeout: int = 300) -> None:
+    """`lesion-kd fit` of the method with --model.network mamba_unet (smoke profile) trains and tests the student."""
     out = lesion_kd("fit", *base(method), "--model.network", "mamba_unet", "--trainer.default_root_dir", str(tmp_path),
-                    env_extra={"LESION_KD_DATA": str(data_dir)})
+                    env_extra={"LESION_KD_DATA": str(data_dir)}, timeout=timeout)
     run = run_dir_of(tmp_path)
     assert "network: mamba_unet" in (run / "config.yaml").read_text() and "metrics written to" in out.stdout
     assert json.loads((run / "metrics.json").read_text())["n_images"] == 8

@@ -4,12 +4,13 @@ training the Mamba student."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from test_baselines_cli import base, check_test_from_the_best_checkpoint, fitter
-from test_cli import lesion_kd, run_dir_of
+from test_baselines_cli import (
+    check_smoke_fit_trains_the_mamba_student,
+    check_test_from_the_best_checkpoint,
+    fitter,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,15 +62,4 @@ def test_checkpoint_holds_the_min_max_side_and_its_optimiser_state(method, fitte
 
 
 def test_smoke_fit_of_damtn_trains_the_mamba_student(tmp_path, data_dir):
-    out = lesion_kd(
-        "fit",
-        *base("damtn"),
-        "--model.network",
-        "mamba_unet",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        env_extra={"LESION_KD_DATA": str(data_dir)},
-    )
-    run = run_dir_of(tmp_path)
-    assert "network: mamba_unet" in (run / "config.yaml").read_text() and "metrics written to" in out.stdout
-    assert json.loads((run / "metrics.json").read_text())["n_images"] == 8
+    check_smoke_fit_trains_the_mamba_student("damtn", tmp_path, data_dir)

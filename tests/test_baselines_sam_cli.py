@@ -4,12 +4,14 @@ with the Mamba student. CPC-SAM runs LiteMedSAM's TinyViT on the CPU: about a mi
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from test_baselines_cli import base, check_test_from_the_best_checkpoint
-from test_cli import lesion_kd, run_dir_of
+from test_baselines_cli import (
+    base,
+    check_smoke_fit_trains_the_mamba_student,
+    check_test_from_the_best_checkpoint,
+)
+from test_cli import lesion_kd
 
 pytestmark = pytest.mark.slow
 METHODS = {"semisam_mt": "SemiSAMMT", "cpc_sam": "CPCSAM"}
@@ -43,16 +45,4 @@ def test_smoke_fit_then_test_from_the_best_checkpoint(method, tmp_path, data_dir
 
 
 def test_semisam_mt_smoke_fit_trains_the_mamba_student(tmp_path, data_dir):
-    out = lesion_kd(
-        "fit",
-        *base("semisam_mt"),
-        "--model.network",
-        "mamba_unet",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        env_extra={"LESION_KD_DATA": str(data_dir)},
-        timeout=600,
-    )
-    run = run_dir_of(tmp_path)
-    assert "network: mamba_unet" in (run / "config.yaml").read_text() and "metrics written to" in out.stdout
-    assert json.loads((run / "metrics.json").read_text())["n_images"] == 8
+    check_smoke_fit_trains_the_mamba_student("semisam_mt", tmp_path, data_dir, timeout=600)

@@ -55,13 +55,18 @@ class MeanTeacher(SegmentationModule):
             raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
         self.teacher = EMATeacher(self.net, buffers="own")
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        hp = self.hparams
+    def mt_losses(self, batch: dict) -> tuple[int, torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+        """Labeled + unlabeled weak views through the student in one forward: the labeled batch size n, the
+        logits (labeled first), the unlabeled batch, L_sup and the teacher-consistency term."""
         lab, unl = split_batch(batch)
         n = lab["mask"].shape[0]
         logits = self(torch.cat([lab["image_weak"], unl["image_weak"]]))
         sup = self.supervised_loss(logits[:n], lab["mask"])
-        cons = self.consistency_loss(logits[n:], unl["image_weak"])
+        return n, logits, unl, sup, self.consistency_loss(logits[n:], unl["image_weak"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        n, _, _, sup, cons = self.mt_losses(batch)
         w = consistency_weight(self, hp.consistency, hp.ramp_fraction)
         loss = sup + w * cons
         self.log("train/consistency_weight", w, batch_size=n)

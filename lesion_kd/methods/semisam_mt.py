@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models import build_teacher
-from .components import consistency_weight, largest_component, softmax_mse, split_batch, total_steps
+from .components import consistency_weight, largest_component, softmax_mse, total_steps
 from .mean_teacher import MeanTeacher
 from .ramps import sigmoid_rampup
 
@@ -137,11 +137,7 @@ class SemiSAMMT(MeanTeacher):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams
-        lab, unl = split_batch(batch)
-        n = lab["mask"].shape[0]
-        logits = self(torch.cat([lab["image_weak"], unl["image_weak"]]))
-        sup = self.supervised_loss(logits[:n], lab["mask"])
-        cons = self.consistency_loss(logits[n:], unl["image_weak"])
+        n, logits, unl, sup, cons = self.mt_losses(batch)
         target, keep = self.sam_pseudo_labels(unl["image_weak"], logits[n:].detach())
         onehot = torch.nn.functional.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)
         sam = softmax_mse(logits[n:][keep], onehot[keep]).mean() if keep.any() else logits.sum() * 0.0
