@@ -9,7 +9,7 @@ export LESION_KD_DATA ?= $(SHARED_DATA)
 PROFILE ?= cpu
 LABELS ?= 0.1
 
-.PHONY: install test test-fast demo lint clean-runs reproduce-table
+.PHONY: install test test-fast demo lint clean-runs reproduce-table readme-results
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ demo: install
 reproduce-table: install
 	@test -n "$$LESION_KD_DATA" || { echo "set LESION_KD_DATA to the folder that holds Kvasir-SEG/ and BUSI/"; exit 1; }
 	$(VENV)/bin/lesion-kd reproduce-table --profile $(PROFILE) $(if $(OUT),--out $(OUT)) $(REPRODUCE_ARGS)
+
+# The README's results table (between its results markers) from experiments/results/$(PROFILE)/.
+readme-results: install
+	$(PY) -m lesion_kd.reporting.readme --profile $(PROFILE) --readme README.md
 
 lint: install
 	$(VENV)/bin/ruff check lesion_kd tests benchmarks

@@ -149,12 +149,29 @@ def test_manifest_mistakes_are_named(tmp_path):
         load_manifest(tmp_path / "nope.yaml")
 
 
+def test_group_and_ablation_seeds_override_the_manifest_seeds(tmp_path):
+    groups = [{"labels": [0.1], "methods": ["supervised"]},
+              {"labels": [0.1], "seeds": [0, 3], "methods": ["mean_teacher", {"method": "supervised", "seeds": [5]}]}]
+    m = load_manifest(manifest(tmp_path, seeds=[0], table={"groups": groups},
+                               ablation={"dataset": "kvasir-seg", "labels": 0.1, "seeds": [1, 2], "rows": ["semikd_sup"]}))
+    seeds = {(c.method, c.seed) for c in m.cells}
+    assert seeds == {("supervised", 0), ("supervised", 5), ("mean_teacher", 0), ("mean_teacher", 3),
+                     ("semikd_sup", 1), ("semikd_sup", 2)}
+    with pytest.raises(ManifestError, match="table group 0: 'seeds' must be a non-empty list of integers"):
+        load_manifest(manifest(tmp_path, table={"groups": [{"labels": [0.1], "seeds": [], "methods": ["supervised"]}]}))
+    with pytest.raises(ManifestError, match=r"table group 0: unknown keys \['seed'\]"):
+        load_manifest(manifest(tmp_path, table={"groups": [{"labels": [0.1], "seed": [1], "methods": ["supervised"]}]}))
+
+
 def test_grid_expands_and_filters():
     m = load_manifest(REPO / "experiments/reproduce/cpu.yaml")
     keys = {c.key for c in m.cells}
     assert "kvasir-seg/semikd-mamba_unet-20pct-seed0" in keys and "busi/supervised-unet-100pct-seed0" in keys
     assert "kvasir-seg/semikd_featkd-mamba_unet-10pct-seed0" in keys
-    assert len([c for c in m.cells if c.method == "semikd" and c.dataset == "kvasir-seg" and c.labels == 0.1]) == 1
+    # the full method is a table row, an ablation row and a 3-seed row at Kvasir-SEG 10%: one cell per seed
+    full10 = [c for c in m.cells if c.method == "semikd" and c.dataset == "kvasir-seg" and c.labels == 0.1]
+    assert sorted(c.seed for c in full10) == [0, 1, 2]
+    assert [c.seed for c in m.cells if c.method == "semikd" and c.dataset == "busi" and c.labels == 0.1] == [0]
     kv = select(m.cells, ["dataset=kvasir-seg", "part=table", "labels=0.1,0.2"])
     assert kv and all(c.dataset == "kvasir-seg" and c.labels in (0.1, 0.2) and c.part == "table" for c in kv)
     with pytest.raises(ManifestError, match="--only"):

@@ -126,7 +126,14 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{path}: 'seeds' must be a non-empty list of integers")
     cells: list[Cell] = []
 
-    def add(part: str, dataset: str, labels: float, entry: dict | str) -> None:
+    def seed_list(where: str, value, default: list) -> list:
+        if value is None:
+            return default
+        if not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value):
+            raise ManifestError(f"{path}: {where} 'seeds' must be a non-empty list of integers, got {value!r}")
+        return value
+
+    def add(part: str, dataset: str, labels: float, entry: dict | str, group_seeds: list) -> None:
         entry = {"method": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "method" not in entry:
             raise ManifestError(f"{path}: a method entry must be a name or {{method: NAME, network: NET}}, got {entry!r}")
@@ -134,19 +141,23 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             raise ManifestError(f"{path}: label fraction {labels} must be in (0, 1]")
         mcfg = config("method", entry["method"])
         network = entry.get("network") or _default_network(mcfg)
-        for seed in seeds:
+        for seed in seed_list(f"method entry {entry['method']!r}", entry.get("seeds"), group_seeds):
             cells.append(Cell(part, dataset, str(config("data", dataset).relative_to(REPO)), float(labels),
                               entry["method"], network, int(seed), override_network="network" in entry))
 
     table = need("table", dict)
-    for group in table.get("groups", []):
+    for i, group in enumerate(table.get("groups", [])):
+        unknown = set(group) - {"datasets", "labels", "methods", "seeds"}
+        if unknown:
+            raise ManifestError(f"{path}: table group {i}: unknown keys {sorted(unknown)}")
+        group_seeds = seed_list(f"table group {i}:", group.get("seeds"), seeds)
         for dataset in group.get("datasets", datasets):
             for labels in group["labels"]:
                 for entry in group["methods"]:
-                    add("table", dataset, labels, entry)
+                    add("table", dataset, labels, entry, group_seeds)
     ablation = doc.get("ablation") or {}
     for row in ablation.get("rows", []):
-        add("ablation", ablation["dataset"], ablation["labels"], row)
+        add("ablation", ablation["dataset"], ablation["labels"], row, seed_list("ablation", ablation.get("seeds"), seeds))
     unique: dict[str, Cell] = {}
     for c in cells:  # the full method is both a table row and an ablation row: one run
         unique.setdefault(c.key, c)

@@ -1,0 +1,130 @@
+"""The README's results table, generated from a manifest's finished cells (``make readme-results``).
+
+Each row is one (dataset, labels, method, network) of the manifest with at least one finished seed: the test
+metrics (mean ± std over seeds), the wall-clock time of one run (``timing.json``, mean over seeds) and the
+``lesion-kd fit`` command that reproduces it. The rows replace whatever stands between the two markers
+``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README, so the README never drifts from
+``experiments/results/<profile>/``:
+
+    python -m lesion_kd.reporting.readme --profile cpu --readme README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..data.io import atomic_write_bytes
+from .reproduce import MANIFESTS, Cell, Manifest, ManifestError, cell_dir, load_manifest
+from .tables import aggregate, collect
+
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+METHOD_NAMES = {
+    "supervised": "supervised", "semikd": "**SemiKD (the paper's method)**",
+    "semikd_sup": "SemiKD ablation: L_sup only", "semikd_featkd": "SemiKD ablation: L_sup + plain feature KD",
+    "semikd_map": "SemiKD ablation: L_sup + L_map", "semikd_pckd": "SemiKD ablation: L_sup + L_pckd",
+    "semikd_dss": "SemiKD ablation: L_sup + L_dss", "mean_teacher": "Mean Teacher", "ua_mt": "UA-MT",
+    "urpc": "URPC", "cct": "CCT", "cps": "CPS", "mcnet_plus": "MC-Net+", "bcp": "BCP", "semisam_mt": "SemiSAM-MT",
+    "sassnet": "SASSNet", "caussl": "CauSSL", "bapc": "BaPC", "damtn": "DAMTN", "cpc_sam": "CPC-SAM",
+}
+NETWORK_NAMES = {"mamba_unet": ("Mamba student", "student (mamba_unet)"), "unet": ("U-Net", "U-Net (SSL4MIS)"),
+                 "sam_lora": ("LiteMedSAM + LoRA", None)}
+
+
+class ReadmeError(ValueError):
+    """The README cannot be updated (markers missing or out of order); the message names the file."""
+
+
+def _network(m: Manifest, network: str) -> str:
+    """``Mamba student (1.33 M)``: the parameter count from the efficiency table when it was measured."""
+    label, eff_name = NETWORK_NAMES.get(network, (network, None))
+    eff = m.results / "efficiency.json"
+    if eff_name and eff.is_file():
+        for row in json.loads(eff.read_text()).get("rows", []):
+            if row.get("model") == eff_name:
+                return f"{label} ({row['params_m']:.2f} M)"
+    return label
+
+
+def fit_command(m: Manifest, cell: Cell, seeds: list[int]) -> str:
+    """The ``lesion-kd fit`` command of a row (without the reproduce-table bookkeeping arguments)."""
+    cmd = (f"lesion-kd fit --config {cell.data_config} --config experiments/method/{cell.method}.yaml "
+           f"--config experiments/profile/{m.profile}.yaml --data.labeled_fraction {cell.labels:g}")
+    if cell.override_network:
+        cmd += f" --model.network {cell.network}"
+    if seeds != [0]:
+        cmd += " --seed_everything " + ("{" + ",".join(map(str, seeds)) + "}" if len(seeds) > 1 else str(seeds[0]))
+    return f"`{cmd}`"
+
+
+def _fmt(r: dict, k: str, scale: float) -> str:
+    s = f"{r[f'{k}_mean'] * scale:.2f}"
+    return s + (f" ± {r[f'{k}_std'] * scale:.2f}" if r["seeds"] > 1 else "")
+
+
+def results_table(m: Manifest) -> str:
+    """The Markdown table of every finished (dataset, labels, method, network) of the manifest."""
+    by_group: dict[tuple, list[Cell]] = {}
+    for c in m.cells:
+        by_group.setdefault((c.dataset, c.labels, c.method, c.network), []).append(c)
+    finished = {(r["dataset"], r["labels"], r["method"], r["network"], r["seed"]) for r in collect(m.results)}
+    rows = [r for r in collect(m.results) if (r["dataset"], r["labels"], r["method"], r["network"]) in by_group]
+    datasets = list(dict.fromkeys(c.dataset for c in m.cells))
+    order = list(by_group)
+    agg = sorted(aggregate(rows), key=lambda r: (datasets.index(r["dataset"]), r["labels"],
+                                                 order.index((r["dataset"], r["labels"], r["method"], r["network"]))))
+    lines = ["| dataset | labels | method | network (parameters) | Dice % | IoU % | HD95 px | ASD px | seeds | "
+             "wall per run | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in agg:
+        cells = [c for c in by_group[(r["dataset"], r["labels"], r["method"], r["network"])]
+                 if (c.dataset, c.labels, c.method, c.network, c.seed) in finished]
+        walls = [json.loads(t.read_text())["wall_s"] for c in cells if (t := cell_dir(m, c) / "timing.json").is_file()]
+        wall = f"{sum(walls) / len(walls) / 60:.0f} min" if walls else ""
+        lines.append(
+            f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {METHOD_NAMES.get(r['method'], r['method'])} | "
+            f"{_network(m, r['network'])} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'hd95', 1)} | "
+            f"{_fmt(r, 'asd', 1)} | {r['seeds']} | {wall} | {fit_command(m, cells[0], sorted(c.seed for c in cells))} |")
+    return "\n".join(lines) + "\n"
+
+
+def splice(readme: Path, table: str) -> bool:
+    """Replace the text between the markers of ``readme`` with ``table``; True when the file changed."""
+    text = readme.read_text()
+    b, e = text.find(BEGIN), text.find(END)
+    if b < 0 or e < 0 or e < b:
+        raise ReadmeError(f"{readme}: needs the markers {BEGIN} and {END} (in this order) around the results table")
+    new = text[: b + len(BEGIN)] + "\n" + table + text[e:]
+    if new == text:
+        return False
+    atomic_write_bytes(readme, new.encode())
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lesion_kd.reporting.readme", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="cpu", help="manifest name (experiments/reproduce/NAME.yaml) or path")
+    ap.add_argument("--readme", type=Path, default=None, help="README to update in place (default: print the table)")
+    args = ap.parse_args(argv)
+    path = Path(args.profile) if args.profile.endswith((".yaml", ".yml")) else MANIFESTS / f"{args.profile}.yaml"
+    try:
+        table = results_table(load_manifest(path))
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.readme is None:
+        sys.stdout.write(table)
+        return 0
+    try:
+        changed = splice(args.readme, table)
+    except ReadmeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.readme}: results table {'updated' if changed else 'already current'} ({table.count(chr(10)) - 2} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

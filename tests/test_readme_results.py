@@ -1,0 +1,71 @@
+"""The README's results table is generated from the finished cells of a manifest (make readme-results)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lesion_kd.reporting.readme import BEGIN, END, ReadmeError, main, results_table, splice
+from lesion_kd.reporting.reproduce import REPO, load_manifest
+
+
+def _manifest(tmp: Path) -> Path:
+    doc = {"profile": "cpu", "results": str(tmp / "results"), "runs": str(tmp / "runs"), "out": str(tmp / "out"),
+           "datasets": ["kvasir-seg"], "seeds": [0],
+           "table": {"groups": [{"labels": [0.1], "methods": [{"method": "supervised", "network": "mamba_unet"},
+                                                             "mean_teacher"]},
+                                {"labels": [0.1], "seeds": [0, 1], "methods": ["semikd"]}]}}
+    path = tmp / "m.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _finish(results: Path, cell: str, dice: float, wall: float | None = None) -> None:
+    d = results / "kvasir-seg" / cell
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({k: {"mean": v} for k, v in
+                                                {"dice": dice, "iou": dice - 0.1, "hd95": 40.0, "asd": 10.0}.items()}
+                                               | {"n_images": 100}))
+    if wall is not None:
+        (d / "timing.json").write_text(json.dumps({"wall_s": wall}))
+
+
+def test_rows_show_finished_cells_with_mean_std_wall_and_command(tmp_path):
+    m = load_manifest(_manifest(tmp_path))
+    _finish(m.results, "supervised-mamba_unet-10pct-seed0", 0.55, wall=600)
+    _finish(m.results, "semikd-mamba_unet-10pct-seed0", 0.66, wall=3000)
+    _finish(m.results, "semikd-mamba_unet-10pct-seed1", 0.62, wall=3600)
+    _finish(m.results, "unlisted-unet-10pct-seed0", 0.9)  # not in the manifest: not a row
+    lines = results_table(m).splitlines()
+    assert len(lines) == 4  # header, rule, two rows (Mean Teacher not run: no row)
+    sup, full = lines[2], lines[3]
+    assert "| supervised |" in sup and "| 55.00 |" in sup and "| 10 min |" in sup
+    assert "--model.network mamba_unet" in sup and "--seed_everything" not in sup
+    assert "SemiKD" in full and "64.00 ± 2.00" in full and "| 2 | 55 min |" in full
+    assert "--config experiments/method/semikd.yaml --config experiments/profile/cpu.yaml" in full
+    assert "--data.labeled_fraction 0.1 --seed_everything {0,1}`" in full
+    assert "unlisted" not in "\n".join(lines)
+
+
+def test_splice_replaces_only_the_marked_block_and_names_a_readme_without_markers(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")
+    assert splice(readme, "| new |\n")
+    assert readme.read_text() == f"# title\n\nbefore\n{BEGIN}\n| new |\n{END}\nafter\n"
+    assert not splice(readme, "| new |\n")  # already current: file untouched
+    bad = tmp_path / "OTHER.md"
+    bad.write_text("no markers\n")
+    with pytest.raises(ReadmeError, match="OTHER.md: needs the markers"):
+        splice(bad, "| x |\n")
+    assert main(["--profile", str(_manifest(tmp_path)), "--readme", str(bad)]) == 2
+    assert "OTHER.md: needs the markers" in capsys.readouterr().err
+
+
+def test_the_committed_readme_table_is_current():
+    """README.md shows exactly what experiments/results/cpu holds (regenerate: make readme-results)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(BEGIN) + len(BEGIN) + 1: text.index(END)]
+    assert block == results_table(load_manifest(REPO / "experiments/reproduce/cpu.yaml"))
