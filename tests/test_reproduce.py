@@ -187,7 +187,7 @@ def test_cells_run_one_per_gpu_at_a_time(tmp_path, monkeypatch):
     m = load_manifest(manifest(tmp_path))
     cells = [c for c in m.cells if c.part == "table"][:3]
 
-    def fake_fit(m, cell):  # stands in for 'lesion-kd fit': records its GPU and time span, publishes metrics.json
+    def fake_fit(m, cell, gpu=None):  # stands in for 'lesion-kd fit': records its GPU and time span, publishes metrics.json
         out = reproduce.cell_dir(m, cell)
         script = ("import json, os, time, pathlib; t0 = time.time(); time.sleep(1.0); "
                   f"p = pathlib.Path({str(out)!r}); p.mkdir(parents=True, exist_ok=True); "
@@ -203,3 +203,34 @@ def test_cells_run_one_per_gpu_at_a_time(tmp_path, monkeypatch):
     for t in [s[1] for s in spans] + [s[2] for s in spans]:
         assert sum(s[1] <= t < s[2] for s in spans) <= 2
     assert min(s[2] for s in spans[:2]) <= spans[2][1]  # the third waited for a free GPU
+
+
+def test_gpu_only_cells_wait_for_a_gpu_and_run_on_it(tmp_path, monkeypatch, capsys):
+    """A cell marked ``requires: gpu`` is left out (and named) without --gpus; with --gpus its fit command
+    trains on the GPU slot whatever the profile's accelerator."""
+    from lesion_kd.reporting import reproduce
+
+    groups = [{"labels": [0.1], "methods": ["supervised", {"method": "mean_teacher", "requires": "gpu"}]}]
+    m = load_manifest(manifest(tmp_path, table={"groups": groups}))
+    gpu_cell = next(c for c in m.cells if c.method == "mean_teacher")
+    assert gpu_cell.requires == "gpu" and all(c.requires == "any" for c in m.cells if c is not gpu_cell)
+    ran = []
+    monkeypatch.setattr(reproduce, "fit_command", lambda m, cell, gpu=None: ran.append((cell.method, gpu)) or
+                        [sys.executable, "-c", "pass"])
+    reproduce.run_cells(m, m.cells, gpus=[], jobs=1)
+    out = capsys.readouterr().out
+    assert ("mean_teacher", None) not in ran and ("supervised", None) in ran
+    assert "1 cell(s) need a GPU" in out and gpu_cell.key in out
+    ran.clear()
+    reproduce.run_cells(m, [gpu_cell], gpus=["3"], jobs=1)
+    assert ran == [("mean_teacher", "3")]
+    monkeypatch.undo()
+    cmd = reproduce.fit_command(m, gpu_cell, "3")
+    assert cmd[cmd.index("--trainer.accelerator") + 1] == "gpu" and "--trainer.devices" in cmd
+    assert "--trainer.accelerator" not in reproduce.fit_command(m, gpu_cell)
+    with pytest.raises(ManifestError, match="requires must be 'any' or 'gpu'"):
+        load_manifest(manifest(tmp_path, table={"groups": [{"labels": [0.1], "methods": [
+            {"method": "supervised", "requires": "tpu"}]}]}))
+    with pytest.raises(ManifestError, match=r"unknown keys \['gpus'\]"):
+        load_manifest(manifest(tmp_path, table={"groups": [{"labels": [0.1], "methods": [
+            {"method": "supervised", "gpus": 1}]}]}))

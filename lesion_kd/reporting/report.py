@@ -85,7 +85,8 @@ def _grouped(cells: list[Cell]) -> list[tuple[str, list[str]]]:
     """Unfinished cells by dataset and label fraction: ("kvasir-seg, 10%", ["mean_teacher-unet-seed0", ...])."""
     groups: dict[str, list[str]] = defaultdict(list)
     for c in cells:
-        groups[f"{c.dataset}, {c.labels * 100:.0f}% labels"].append(f"{c.method}-{c.network}-seed{c.seed}")
+        groups[f"{c.dataset}, {c.labels * 100:.0f}% labels"].append(
+            f"{c.method}-{c.network}-seed{c.seed}" + (" (needs a GPU: --gpus)" if c.requires == "gpu" else ""))
     return list(groups.items())
 
 

@@ -47,6 +47,7 @@ class Cell:
     network: str
     seed: int
     override_network: bool = False
+    requires: str = "any"  # "gpu": too slow for a CPU, run only on a --gpus slot (the manifest says why)
 
     @property
     def name(self) -> str:
@@ -137,13 +138,21 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         entry = {"method": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "method" not in entry:
             raise ManifestError(f"{path}: a method entry must be a name or {{method: NAME, network: NET}}, got {entry!r}")
+        unknown = set(entry) - {"method", "network", "seeds", "requires"}
+        if unknown:
+            raise ManifestError(f"{path}: method entry {entry['method']!r}: unknown keys {sorted(unknown)} "
+                                "(known: method, network, seeds, requires)")
+        requires = entry.get("requires", "any")
+        if requires not in ("any", "gpu"):
+            raise ManifestError(f"{path}: method entry {entry['method']!r}: requires must be 'any' or 'gpu', got {requires!r}")
         if not 0 < float(labels) <= 1:
             raise ManifestError(f"{path}: label fraction {labels} must be in (0, 1]")
         mcfg = config("method", entry["method"])
         network = entry.get("network") or _default_network(mcfg)
         for seed in seed_list(f"method entry {entry['method']!r}", entry.get("seeds"), group_seeds):
             cells.append(Cell(part, dataset, str(config("data", dataset).relative_to(REPO)), float(labels),
-                              entry["method"], network, int(seed), override_network="network" in entry))
+                              entry["method"], network, int(seed), override_network="network" in entry,
+                              requires=requires))
 
     table = need("table", dict)
     for i, group in enumerate(table.get("groups", [])):
@@ -200,7 +209,10 @@ def is_finished(m: Manifest, cell: Cell) -> bool:
     return (cell_dir(m, cell) / "metrics.json").is_file()
 
 
-def fit_command(m: Manifest, cell: Cell) -> list[str]:
+def fit_command(m: Manifest, cell: Cell, gpu: str | None = None) -> list[str]:
+    """The cell's ``lesion-kd fit`` command; on a GPU slot (``--gpus``) it trains on that GPU whatever the
+    profile's accelerator, with deterministic algorithms relaxed to a warning (several CUDA backward kernels
+    used here, e.g. grid_sample and bilinear up-sampling, have no deterministic version)."""
     cmd = [sys.executable, "-m", "lesion_kd.cli", "fit",
            "--config", cell.data_config, "--config", f"experiments/method/{cell.method}.yaml",
            "--config", f"experiments/profile/{m.profile}.yaml",
@@ -209,6 +221,8 @@ def fit_command(m: Manifest, cell: Cell) -> list[str]:
            "--results_root", str(m.results), "--ckpt_path", "last", "--trainer.enable_progress_bar", "false"]
     if cell.override_network:
         cmd += ["--model.network", cell.network]
+    if gpu is not None:
+        cmd += ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.deterministic", "warn"]
     return cmd + m.fit_args
 
 
@@ -216,8 +230,13 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
     """Run the unfinished cells, ``jobs`` at a time (one per listed GPU when --gpus is given)."""
     todo = [c for c in cells if not is_finished(m, c)]
     done = len(cells) - len(todo)
+    need_gpu = [] if gpus else [c for c in todo if c.requires == "gpu"]
+    todo = [c for c in todo if c not in need_gpu]
     print(f"reproduce-table: {len(cells)} cells, {done} finished, {len(todo)} to run "
           f"({m.path.relative_to(REPO) if m.path.is_relative_to(REPO) else m.path})", flush=True)
+    if need_gpu:
+        print(f"reproduce-table: {len(need_gpu)} cell(s) need a GPU and are left for a run with --gpus: "
+              + ", ".join(c.key for c in need_gpu), flush=True)
     slots = gpus or [None] * max(1, jobs)
     running: dict[subprocess.Popen, tuple[Cell, str | None, float, Path]] = {}
     failures: list[dict] = []
@@ -238,7 +257,7 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
             where = f" on GPU {gpu}" if gpu is not None else ""
             print(f"[{done + n}/{len(cells)}] {cell.key}{where}: running (log: {log})", flush=True)
             with open(log, "a") as fh:
-                proc = subprocess.Popen(fit_command(m, cell), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(fit_command(m, cell, gpu), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
             running[proc] = (cell, gpu, time.monotonic(), log)
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:
@@ -295,8 +314,8 @@ def main(argv: list[str]) -> int:
         m.out = Path(args.out).resolve()
     if args.dry_run:
         for c in cells:
-            state = "finished" if is_finished(m, c) else "to run"
-            print(f"{c.key} [{c.part}] ({state}):\n  {' '.join(fit_command(m, c))}")
+            state = "finished" if is_finished(m, c) else "to run" + (" on a GPU (--gpus)" if c.requires == "gpu" else "")
+            print(f"{c.key} [{c.part}] ({state}):\n  {' '.join(fit_command(m, c, '0' if c.requires == 'gpu' else None))}")
         return 0
     t0 = time.monotonic()
     failures = [] if args.report_only else run_cells(m, cells, [g for g in args.gpus.split(",") if g], args.jobs)
