@@ -28,7 +28,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-# Trains the supervised U-Net on Kvasir-SEG with 10% labels (cpu profile, about 10 minutes on two
+# Trains the supervised U-Net on Kvasir-SEG with 10% labels (cpu profile, about 10-20 minutes on two
 # cores) and prints its test Dice / IoU / HD95.
 demo: install
 	@test -n "$$LESION_KD_DATA" || { echo "set LESION_KD_DATA to the folder that holds Kvasir-SEG/"; exit 1; }
