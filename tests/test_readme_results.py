@@ -39,9 +39,13 @@ def test_rows_show_finished_cells_with_mean_std_wall_and_command(tmp_path):
     _finish(m.results, "semikd-mamba_unet-10pct-seed0", 0.66, wall=3000)
     _finish(m.results, "semikd-mamba_unet-10pct-seed1", 0.62, wall=3600)
     _finish(m.results, "unlisted-unet-10pct-seed0", 0.9)  # not in the manifest: not a row
+    _finish(m.results, "mean_teacher-unet-10pct-seed0", 0.58, wall=60)
+    timing = m.results / "kvasir-seg/mean_teacher-unet-10pct-seed0/timing.json"
+    timing.write_text(json.dumps({"wall_s": 60, "resumed": True}))  # only the last part of the run: no minutes
     lines = results_table(m).splitlines()
-    assert len(lines) == 4  # header, rule, two rows (Mean Teacher not run: no row)
-    sup, full = lines[2], lines[3]
+    assert len(lines) == 5  # header, rule, three rows
+    sup, mt, full = lines[2], lines[3], lines[4]
+    assert "Mean Teacher" in mt and "| 1 | resumed |" in mt
     assert "| supervised |" in sup and "| 55.00 |" in sup and "| 10 min |" in sup
     assert "--model.network mamba_unet" in sup and "--seed_everything" not in sup
     assert "SemiKD" in full and "64.00 ± 2.00" in full and "| 2 | 55 min |" in full

@@ -81,8 +81,9 @@ def results_table(m: Manifest) -> str:
     for r in agg:
         cells = [c for c in by_group[(r["dataset"], r["labels"], r["method"], r["network"])]
                  if (c.dataset, c.labels, c.method, c.network, c.seed) in finished]
-        walls = [json.loads(t.read_text())["wall_s"] for c in cells if (t := cell_dir(m, c) / "timing.json").is_file()]
-        wall = f"{sum(walls) / len(walls) / 60:.0f} min" if walls else ""
+        timings = [json.loads(t.read_text()) for c in cells if (t := cell_dir(m, c) / "timing.json").is_file()]
+        whole = [t["wall_s"] for t in timings if not t.get("resumed")]  # a resumed run's wall is only its last part
+        wall = f"{sum(whole) / len(whole) / 60:.0f} min" if whole else ("resumed" if timings else "")
         lines.append(
             f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {METHOD_NAMES.get(r['method'], r['method'])} | "
             f"{_network(m, r['network'])} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'hd95', 1)} | "

@@ -55,10 +55,11 @@ def _cells_rows(m: Manifest, part: str) -> tuple[list[dict], list[Cell]]:
 
 def table_markdown(m: Manifest, agg: list[dict], missing: list[Cell]) -> str:
     lines = [f"# Comparison table ({m.profile} profile)", ""]
-    total, machines = _wall_clock(m, [c for c in m.cells if c.part == "table"])
+    total, machines, resumed = _wall_clock(m, [c for c in m.cells if c.part == "table"])
     if total:
         lines += [f"Wall-clock time of the finished table cells: {total / 3600:.2f} h on {', '.join(sorted(machines))} "
-                  "(sum over cells, as run).", ""]
+                  "(sum over cells, as run" + (f"; {resumed} resumed cell(s) count only their last invocation" if resumed
+                                               else "") + ").", ""]
     if m.budget:
         lines += [f"Budget: {m.budget}", ""]
     lines += ["Dice and IoU in %, HD95 and ASD in pixels of the evaluation grid; per-image mean over the test split, "
@@ -97,15 +98,18 @@ def _order(m: Manifest, method: str, network: str) -> int:
     return len(m.cells)
 
 
-def _wall_clock(m: Manifest, cells: list[Cell]) -> tuple[float, set[str]]:
-    total, machines = 0.0, set()
+def _wall_clock(m: Manifest, cells: list[Cell]) -> tuple[float, set[str], int]:
+    """Summed wall-clock of the cells' timing.json, their machines, and how many were resumed (their wall
+    covers only the invocation that finished them)."""
+    total, machines, resumed = 0.0, set(), 0
     for c in cells:
         t = cell_dir(m, c) / "timing.json"
         if t.is_file():
             doc = json.loads(t.read_text())
             total += doc["wall_s"]
+            resumed += bool(doc.get("resumed"))
             machines.add(f"{doc['machine']['cpu']}" + (f" + {doc['machine']['gpu']}" if "gpu" in doc["machine"] else ""))
-    return total, machines
+    return total, machines, resumed
 
 
 def table_csv(agg: list[dict]) -> str:

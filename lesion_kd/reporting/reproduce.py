@@ -238,7 +238,7 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
         print(f"reproduce-table: {len(need_gpu)} cell(s) need a GPU and are left for a run with --gpus: "
               + ", ".join(c.key for c in need_gpu), flush=True)
     slots = gpus or [None] * max(1, jobs)
-    running: dict[subprocess.Popen, tuple[Cell, str | None, float, Path]] = {}
+    running: dict[subprocess.Popen, tuple[Cell, str | None, float, Path, bool]] = {}
     failures: list[dict] = []
     queue = list(todo)
     walls: list[float] = []
@@ -256,15 +256,16 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(slots)))
             where = f" on GPU {gpu}" if gpu is not None else ""
             print(f"[{done + n}/{len(cells)}] {cell.key}{where}: running (log: {log})", flush=True)
+            resumed = any(run_dir.glob("**/last.ckpt"))  # then this invocation's wall is only the rest of the run
             with open(log, "a") as fh:
                 proc = subprocess.Popen(fit_command(m, cell, gpu), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            running[proc] = (cell, gpu, time.monotonic(), log)
+            running[proc] = (cell, gpu, time.monotonic(), log, resumed)
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:
-            cell, _, t0, log = running.pop(proc)
+            cell, _, t0, log, resumed = running.pop(proc)
             wall = time.monotonic() - t0
             if proc.returncode == 0 and is_finished(m, cell):
-                _write_timing(m, cell, wall)
+                _write_timing(m, cell, wall, resumed)
                 dice = json.loads((cell_dir(m, cell) / "metrics.json").read_text())["dice"]["mean"]
                 walls.append(wall)
                 left = (len(queue) + len(running)) * sum(walls) / len(walls) / len(slots)
@@ -278,11 +279,15 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
     return failures
 
 
-def _write_timing(m: Manifest, cell: Cell, wall: float) -> None:
+def _write_timing(m: Manifest, cell: Cell, wall: float, resumed: bool = False) -> None:
+    """``timing.json``: the wall-clock of the invocation that finished the cell; ``resumed``: it continued
+    from a checkpoint of an earlier (interrupted) invocation, so ``wall_s`` covers only the rest of the run."""
     from ..data.io import atomic_write_bytes
     from .efficiency import machine_summary
 
     doc = {"wall_s": round(wall, 1), "machine": machine_summary(), "profile": m.profile}
+    if resumed:
+        doc["resumed"] = True
     atomic_write_bytes(cell_dir(m, cell) / "timing.json", (json.dumps(doc, indent=1) + "\n").encode())
 
 
