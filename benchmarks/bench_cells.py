@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from machine import cpu_model
 
-from lesion_kd.reporting.reproduce import MANIFESTS, REPO, load_manifest
+from lesion_kd.reporting.reproduce import REPO, load_manifest, manifest_path
 
 
 def timed_fit(cell, profile: str, steps: int, root: Path) -> float:
@@ -44,12 +44,12 @@ def timed_fit(cell, profile: str, steps: int, root: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="cpu", help="manifest (experiments/reproduce/NAME.yaml)")
+    ap.add_argument("--profile", default="cpu", help="manifest name (experiments/reproduce/NAME.yaml) or path")
     ap.add_argument("--steps", default="4,12", help="the two run lengths A,B")
     ap.add_argument("--only", default="", help="comma-separated method names")
     args = ap.parse_args()
     a, b = (int(s) for s in args.steps.split(","))
-    m = load_manifest(MANIFESTS / f"{args.profile}.yaml")
+    m = load_manifest(manifest_path(args.profile))
     max_steps = yaml.safe_load((REPO / f"experiments/profile/{m.profile}.yaml").read_text())["trainer"]["max_steps"]
     seen, cells = set(), []
     for c in m.cells:

@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from ..data.io import atomic_write_bytes
-from .reproduce import MANIFESTS, Cell, Manifest, ManifestError, cell_dir, load_manifest
+from .reproduce import Cell, Manifest, ManifestError, cell_dir, load_manifest, manifest_path
 from .tables import aggregate, collect
+from .tables import fmt_mean_std as _fmt
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -60,18 +61,13 @@ def fit_command(m: Manifest, cell: Cell, seeds: list[int]) -> str:
     return f"`{cmd}`"
 
 
-def _fmt(r: dict, k: str, scale: float) -> str:
-    s = f"{r[f'{k}_mean'] * scale:.2f}"
-    return s + (f" ± {r[f'{k}_std'] * scale:.2f}" if r["seeds"] > 1 else "")
-
-
 def results_table(m: Manifest) -> str:
     """The Markdown table of every finished (dataset, labels, method, network) of the manifest."""
     by_group: dict[tuple, list[Cell]] = {}
     for c in m.cells:
         by_group.setdefault((c.dataset, c.labels, c.method, c.network), []).append(c)
-    finished = {(r["dataset"], r["labels"], r["method"], r["network"], r["seed"]) for r in collect(m.results)}
     rows = [r for r in collect(m.results) if (r["dataset"], r["labels"], r["method"], r["network"]) in by_group]
+    finished = {(r["dataset"], r["labels"], r["method"], r["network"], r["seed"]) for r in rows}
     datasets = list(dict.fromkeys(c.dataset for c in m.cells))
     order = list(by_group)
     agg = sorted(aggregate(rows), key=lambda r: (datasets.index(r["dataset"]), r["labels"],
@@ -109,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="cpu", help="manifest name (experiments/reproduce/NAME.yaml) or path")
     ap.add_argument("--readme", type=Path, default=None, help="README to update in place (default: print the table)")
     args = ap.parse_args(argv)
-    path = Path(args.profile) if args.profile.endswith((".yaml", ".yml")) else MANIFESTS / f"{args.profile}.yaml"
     try:
-        table = results_table(load_manifest(path))
+        table = results_table(load_manifest(manifest_path(args.profile)))
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

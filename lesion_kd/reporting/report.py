@@ -18,6 +18,7 @@ from ..data.io import atomic_write_bytes
 from . import efficiency
 from .reproduce import REPO, Cell, Manifest, cell_dir, is_finished
 from .tables import aggregate, collect
+from .tables import fmt_mean_std as _fmt
 
 CSV_COLUMNS = ["dataset", "labels", "method", "network", "dice_mean", "dice_std", "iou_mean", "iou_std",
                "hd95_mean", "hd95_std", "asd_mean", "asd_std", "seeds"]
@@ -36,11 +37,6 @@ ABLATION_ROWS = {"semikd_sup": "L_sup only", "semikd_featkd": "L_sup + plain fea
                  "semikd_map": "L_sup + L_map", "semikd_pckd": "L_sup + L_pckd", "semikd_dss": "L_sup + L_dss",
                  "semikd": "L_sup + L_pckd + L_dss (full method)"}
 QUALITATIVE_ROWS = 6
-
-
-def _fmt(r: dict, k: str, scale: float) -> str:
-    s = f"{r[f'{k}_mean'] * scale:.2f}"
-    return s + (f" ± {r[f'{k}_std'] * scale:.2f}" if r["seeds"] > 1 else "")
 
 
 def _cells_rows(m: Manifest, part: str) -> tuple[list[dict], list[Cell]]:

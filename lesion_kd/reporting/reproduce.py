@@ -94,6 +94,11 @@ def _resolve(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else REPO / p
 
 
+def manifest_path(profile: str) -> Path:
+    """``--profile`` as given on a command line: a manifest name (``experiments/reproduce/NAME.yaml``) or a path."""
+    return Path(profile) if profile.endswith((".yaml", ".yml")) else MANIFESTS / f"{profile}.yaml"
+
+
 def load_manifest(path: str | os.PathLike) -> Manifest:
     """Read and check a manifest: every referenced config exists, every list is well-formed."""
     path = Path(path)
@@ -308,9 +313,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--report-only", action="store_true", help="run nothing: tables and report from finished cells")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their commands, run nothing")
     args = p.parse_args(argv)
-    manifest_path = Path(args.profile) if args.profile.endswith((".yaml", ".yml")) else MANIFESTS / f"{args.profile}.yaml"
     try:
-        m = load_manifest(manifest_path)
+        m = load_manifest(manifest_path(args.profile))
         cells = select(m.cells, args.only)
     except ManifestError as e:
         print(f"lesion-kd reproduce-table: {e}", file=sys.stderr)

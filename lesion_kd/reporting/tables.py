@@ -44,6 +44,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
+def fmt_mean_std(r: dict, k: str, scale: float) -> str:
+    """An aggregated row's metric ``k`` as ``mean`` or ``mean ± std`` (more than one seed), times ``scale``."""
+    s = f"{r[f'{k}_mean'] * scale:.2f}"
+    return s + (f" ± {r[f'{k}_std'] * scale:.2f}" if r["seeds"] > 1 else "")
+
+
 def markdown(agg: list[dict]) -> str:
     """Dice and IoU in %, distances in pixels; std over seeds shown when there is more than one seed."""
     def fmt(r: dict, k: str, scale: float, digits: int) -> str:
