@@ -23,18 +23,14 @@ from pathlib import Path
 import yaml
 from machine import cpu_model
 
-from lesion_kd.reporting.reproduce import REPO, load_manifest, manifest_path
+from lesion_kd.reporting.reproduce import REPO, cell_args, load_manifest, manifest_path
 
 
-def timed_fit(cell, profile: str, steps: int, root: Path) -> float:
-    cmd = [sys.executable, "-m", "lesion_kd.cli", "fit", "--config", cell.data_config,
-           "--config", f"experiments/method/{cell.method}.yaml", "--config", f"experiments/profile/{profile}.yaml",
-           "--data.labeled_fraction", str(cell.labels), "--trainer.max_steps", str(steps),
+def timed_fit(m, cell, steps: int, root: Path) -> float:
+    cmd = [sys.executable, "-m", "lesion_kd.cli", "fit", *cell_args(m, cell), "--trainer.max_steps", str(steps),
            "--trainer.val_check_interval", str(10 * steps), "--trainer.enable_progress_bar", "false",
            "--trainer.default_root_dir", str(root / f"{cell.method}-{steps}"), "--trainer.logger", "false",
            "--checkpoint.last_every_minutes", "null"]
-    if cell.override_network:
-        cmd += ["--model.network", cell.network]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -64,8 +60,8 @@ def main() -> None:
     base = None
     with tempfile.TemporaryDirectory() as tmp:
         for c in cells:
-            t_a = timed_fit(c, m.profile, a, Path(tmp))
-            t_b = timed_fit(c, m.profile, b, Path(tmp))
+            t_a = timed_fit(m, c, a, Path(tmp))
+            t_b = timed_fit(m, c, b, Path(tmp))
             per_step = max(t_b - t_a, 0.0) / (b - a)
             setup = max(t_a - a * per_step, 0.0)
             if c.method == "supervised" and c.network == "mamba_unet":

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..data.io import atomic_write_bytes
-from .reproduce import Cell, Manifest, ManifestError, cell_dir, load_manifest, manifest_path
+from .reproduce import Cell, Manifest, ManifestError, cell_args, cell_dir, load_manifest, manifest_path
 from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
 
@@ -39,23 +39,18 @@ class ReadmeError(ValueError):
     """The README cannot be updated (markers missing or out of order); the message names the file."""
 
 
-def _network(m: Manifest, network: str) -> str:
+def _network(network: str, efficiency: dict) -> str:
     """``Mamba student (1.33 M)``: the parameter count from the efficiency table when it was measured."""
     label, eff_name = NETWORK_NAMES.get(network, (network, None))
-    eff = m.results / "efficiency.json"
-    if eff_name and eff.is_file():
-        for row in json.loads(eff.read_text()).get("rows", []):
-            if row.get("model") == eff_name:
-                return f"{label} ({row['params_m']:.2f} M)"
+    for row in efficiency.get("rows", []) if eff_name else []:
+        if row.get("model") == eff_name:
+            return f"{label} ({row['params_m']:.2f} M)"
     return label
 
 
 def fit_command(m: Manifest, cell: Cell, seeds: list[int]) -> str:
-    """The ``lesion-kd fit`` command of a row (without the reproduce-table bookkeeping arguments)."""
-    cmd = (f"lesion-kd fit --config {cell.data_config} --config experiments/method/{cell.method}.yaml "
-           f"--config experiments/profile/{m.profile}.yaml --data.labeled_fraction {cell.labels:g}")
-    if cell.override_network:
-        cmd += f" --model.network {cell.network}"
+    """The ``lesion-kd fit`` command of a row: the cell's own arguments, without reproduce-table's bookkeeping."""
+    cmd = "lesion-kd fit " + " ".join(cell_args(m, cell))
     if seeds != [0]:
         cmd += " --seed_everything " + ("{" + ",".join(map(str, seeds)) + "}" if len(seeds) > 1 else str(seeds[0]))
     return f"`{cmd}`"
@@ -72,6 +67,8 @@ def results_table(m: Manifest) -> str:
     order = list(by_group)
     agg = sorted(aggregate(rows), key=lambda r: (datasets.index(r["dataset"]), r["labels"],
                                                  order.index((r["dataset"], r["labels"], r["method"], r["network"]))))
+    eff = m.results / "efficiency.json"
+    efficiency = json.loads(eff.read_text()) if eff.is_file() else {}
     lines = ["| dataset | labels | method | network (parameters) | Dice % | IoU % | HD95 px | ASD px | seeds | "
              "wall per run | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in agg:
@@ -82,7 +79,7 @@ def results_table(m: Manifest) -> str:
         wall = f"{sum(whole) / len(whole) / 60:.0f} min" if whole else ("resumed" if timings else "")
         lines.append(
             f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {METHOD_NAMES.get(r['method'], r['method'])} | "
-            f"{_network(m, r['network'])} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'hd95', 1)} | "
+            f"{_network(r['network'], efficiency)} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'hd95', 1)} | "
             f"{_fmt(r, 'asd', 1)} | {r['seeds']} | {wall} | {fit_command(m, cells[0], sorted(c.seed for c in cells))} |")
     return "\n".join(lines) + "\n"
 

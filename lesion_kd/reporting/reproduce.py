@@ -214,18 +214,21 @@ def is_finished(m: Manifest, cell: Cell) -> bool:
     return (cell_dir(m, cell) / "metrics.json").is_file()
 
 
+def cell_args(m: Manifest, cell: Cell) -> list[str]:
+    """What defines a cell's training, as ``lesion-kd fit`` arguments: data, method and profile configs, the
+    label fraction and, when the manifest overrides it, the network (the seed is the caller's)."""
+    args = ["--config", cell.data_config, "--config", f"experiments/method/{cell.method}.yaml",
+            "--config", f"experiments/profile/{m.profile}.yaml", "--data.labeled_fraction", str(cell.labels)]
+    return args + (["--model.network", cell.network] if cell.override_network else [])
+
+
 def fit_command(m: Manifest, cell: Cell, gpu: str | None = None) -> list[str]:
     """The cell's ``lesion-kd fit`` command; on a GPU slot (``--gpus``) it trains on that GPU whatever the
     profile's accelerator, with deterministic algorithms relaxed to a warning (several CUDA backward kernels
     used here, e.g. grid_sample and bilinear up-sampling, have no deterministic version)."""
-    cmd = [sys.executable, "-m", "lesion_kd.cli", "fit",
-           "--config", cell.data_config, "--config", f"experiments/method/{cell.method}.yaml",
-           "--config", f"experiments/profile/{m.profile}.yaml",
-           "--data.labeled_fraction", str(cell.labels), "--seed_everything", str(cell.seed),
+    cmd = [sys.executable, "-m", "lesion_kd.cli", "fit", *cell_args(m, cell), "--seed_everything", str(cell.seed),
            "--trainer.default_root_dir", str(m.runs / cell.dataset / cell.name),
            "--results_root", str(m.results), "--ckpt_path", "last", "--trainer.enable_progress_bar", "false"]
-    if cell.override_network:
-        cmd += ["--model.network", cell.network]
     if gpu is not None:
         cmd += ["--trainer.accelerator", "gpu", "--trainer.devices", "1", "--trainer.deterministic", "warn"]
     return cmd + m.fit_args
