@@ -178,8 +178,10 @@ def test_grid_expands_and_filters():
         select(m.cells, ["colour=red"])
 
 
-def test_cells_run_one_per_gpu_at_a_time(tmp_path, monkeypatch):
-    """The scheduler with --gpus 0,1: three cells, never more than two at once, each with its own GPU."""
+@pytest.mark.parametrize("gpus", [["0", "1"], ["0", "0"]])
+def test_cells_run_one_per_gpu_slot_at_a_time(tmp_path, monkeypatch, gpus):
+    """The scheduler with --gpus 0,1 (and 0,0: two cells sharing GPU 0): three cells, never more than two at
+    once, the first two at the same time on the listed GPUs, the third when a slot is free."""
     import json
 
     from lesion_kd.reporting import reproduce
@@ -197,9 +199,10 @@ def test_cells_run_one_per_gpu_at_a_time(tmp_path, monkeypatch):
 
     monkeypatch.setattr(reproduce, "fit_command", fake_fit)
     monkeypatch.setattr(reproduce, "_write_timing", lambda *a: None)
-    assert reproduce.run_cells(m, cells, gpus=["0", "1"], jobs=1) == []
+    assert reproduce.run_cells(m, cells, gpus=gpus, jobs=1) == []
     spans = [json.loads((reproduce.cell_dir(m, c) / "span.json").read_text()) for c in cells]
-    assert sorted(s[0] for s in spans[:2]) == ["0", "1"] and spans[2][0] in ("0", "1")
+    assert sorted(s[0] for s in spans[:2]) == sorted(gpus) and spans[2][0] in gpus
+    assert max(s[1] for s in spans[:2]) < min(s[2] for s in spans[:2])  # the first two overlap
     for t in [s[1] for s in spans] + [s[2] for s in spans]:
         assert sum(s[1] <= t < s[2] for s in spans) <= 2
     assert min(s[2] for s in spans[:2]) <= spans[2][1]  # the third waited for a free GPU

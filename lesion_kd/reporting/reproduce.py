@@ -245,16 +245,16 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
     if need_gpu:
         print(f"reproduce-table: {len(need_gpu)} cell(s) need a GPU and are left for a run with --gpus: "
               + ", ".join(c.key for c in need_gpu), flush=True)
-    slots = gpus or [None] * max(1, jobs)
-    running: dict[subprocess.Popen, tuple[Cell, str | None, float, Path, bool]] = {}
+    slots = gpus or [None] * max(1, jobs)  # a GPU id listed twice gives that GPU two cells at a time
+    running: dict[subprocess.Popen, tuple[Cell, int, float, Path, bool]] = {}
     failures: list[dict] = []
     queue = list(todo)
     walls: list[float] = []
     n = 0
     while queue or running:
         while queue and len(running) < len(slots):
-            free = [s for s in slots if s not in {v[1] for v in running.values()}] if gpus else [None]
-            cell, gpu = queue.pop(0), free[0]
+            slot = min(set(range(len(slots))) - {v[1] for v in running.values()})
+            cell, gpu = queue.pop(0), slots[slot]
             n += 1
             run_dir = m.runs / cell.dataset / cell.name
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
             resumed = any(run_dir.glob("**/last.ckpt"))  # then this invocation's wall is only the rest of the run
             with open(log, "a") as fh:
                 proc = subprocess.Popen(fit_command(m, cell, gpu), cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            running[proc] = (cell, gpu, time.monotonic(), log, resumed)
+            running[proc] = (cell, slot, time.monotonic(), log, resumed)
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:
             cell, _, t0, log, resumed = running.pop(proc)
@@ -309,7 +309,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the matching cells (repeatable; KEY: part, dataset, labels, method, network, "
                         "seed; VALUE may list several, comma-separated); the tables show every finished cell")
-    p.add_argument("--gpus", default="", help="comma-separated GPU ids: one cell runs on each at a time")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids: one cell runs on each at a time (list an "
+                                              "id twice to run two cells on that GPU: --gpus 0,0,0,0)")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells at a time without --gpus; the cores are split between them (OMP_NUM_THREADS). On a "
                         "2-core CPU, --jobs 2 (one thread each) finishes the grid about twice as fast as --jobs 1")
