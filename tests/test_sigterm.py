@@ -16,18 +16,24 @@ from test_cli import BASE, REPO, lesion_kd
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data_dir):
+@pytest.mark.parametrize("to", ["process", "group"])
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data_dir, to):
+    """SIGTERM to the training process, or to its whole process group with its two loader workers (SLURM,
+    ``kill -- -PGID``, ``timeout``): either way the checkpoint is written."""
     env = {**os.environ, "LESION_KD_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
     long_run = [*BASE, "--trainer.max_steps", "100000", "--trainer.val_check_interval", "100000",
-                "--test_after_fit", "false", "--trainer.enable_progress_bar", "false"]
+                "--test_after_fit", "false", "--trainer.enable_progress_bar", "false", "--data.num_workers", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "lesion_kd.cli", "fit", *long_run,
                              "--trainer.default_root_dir", str(tmp_path)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
     while not list(tmp_path.rglob("split.json")) and time.time() < deadline:  # set-up done, training starts
         time.sleep(0.5)
     time.sleep(4)
-    proc.send_signal(signal.SIGTERM)
+    if to == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert "SIGTERM: checkpoint saved to" in out, out[-3000:]
     ckpt = Path(out.split("SIGTERM: checkpoint saved to ")[1].split()[0])

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -204,7 +205,7 @@ class LesionDataModule(L.LightningDataModule):
         return DataLoader(
             ds, batch_size=batch_size, sampler=self._stream_sampler(len(ds), batch_size, stream) if train else None,
             shuffle=False, drop_last=train, num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
-            pin_memory=False,
+            pin_memory=False, worker_init_fn=_worker_ignores_sigterm,
         )
 
     def _stream_sampler(self, n: int, batch_size: int, stream: str) -> StreamSampler:
@@ -288,3 +289,9 @@ class LesionDataModule(L.LightningDataModule):
         return self.splits[split][index]
 
 
+def _worker_ignores_sigterm(worker_id: int) -> None:
+    """Loader workers leave SIGTERM to the training process. SLURM's preemption, ``kill -- -PGID`` and
+    ``timeout`` signal the whole process group: a worker that died of it first made the training process fail
+    with "DataLoader worker ... is killed by signal: Terminated" before its SIGTERM checkpoint was written.
+    The training process still ends its workers when it exits, and a worker whose parent dies stops itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
