@@ -167,6 +167,29 @@ def test_cross_prompts_from_decoder_a_foreground_are_fed_to_decoder_b(cpc, monke
     assert not torch.allclose(prompted, free_b)
 
 
+def test_litemedsams_batched_decoder_call_gives_the_per_image_logits(cpc):
+    """One decoder call for the batch (LiteMedSAM) = one call per image (what MedSAM ViT-B needs), with and
+    without point prompts, and each image's logits depend on its own prompt only."""
+    assert cpc.net.batched_decoder
+    torch.manual_seed(1)
+    emb = cpc.net.encode(torch.rand(3, 3, 40, 40))[-1].detach()
+    coords, labels = torch.rand(3, 2, 2) * 255, torch.tensor([[0, 1], [0, 0], [1, 1]])
+    with torch.no_grad():
+        for points in (None, (coords, labels)):
+            batched = cpc.net.decode_one(emb, 1, (40, 40), points)
+            cpc.net.batched_decoder = False
+            try:
+                looped = cpc.net.decode_one(emb, 1, (40, 40), points)
+            finally:
+                cpc.net.batched_decoder = True
+            torch.testing.assert_close(batched, looped, rtol=1e-4, atol=1e-4)
+        moved = (coords.clone(), labels)
+        moved[0][2] = 255 - moved[0][2]  # image 2's prompt only
+        again = cpc.net.decode_one(emb, 1, (40, 40), moved)
+    torch.testing.assert_close(again[:2], batched[:2], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(again[2], batched[2])
+
+
 def test_lora_wraps_every_qkv_and_starts_as_the_frozen_model():
     torch.manual_seed(0)
     for name, kwargs in (("litemedsam", {}), ("medsam", {"pretrained": False, **TINY_SAM})):
