@@ -36,6 +36,9 @@ echo "== pack $(date +%T)"
 DONE=$(find experiments/results/cpu -name metrics.json -newer /tmp/cells-start -printf '%h\n' | sort)
 LOGS=$(for d in $DONE; do c=${d#experiments/results/cpu/}; ls runs/reproduce/cpu/"$c"/fit.log 2>/dev/null; done)
 UNFINISHED=$(find runs/reproduce/cpu \( -name fit.log -o -name "events.out.*" -o -name metrics.csv \) -newer /tmp/cells-start | sort)
+for d in $DONE; do  # what these cells trained on differs from the dataset: say so beside their metrics
+  echo "trained and tested on a lent GPU from .devcarry/data (benchmarks/gpu_carry.py): images at the model size (160x160) re-encoded as JPEG quality 95, masks lossless; LiteMedSAM weights rounded to float16" > "$d/carried_data.txt"
+done
 # shellcheck disable=SC2086
 tar czf "$OUT/results.tgz" $DONE $LOGS $UNFINISHED 2>/dev/null
 echo "finished cells: $(echo $DONE | wc -w)"; for d in $DONE; do echo "  $d"; done
