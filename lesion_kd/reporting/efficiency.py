@@ -2,7 +2,9 @@
 of the student, the reference U-Net and the teacher on this machine's CPU and, when present, its GPU.
 
 Measurements are cached per machine in ``<results>/efficiency.json`` (they take a minute on a CPU), so a
-second ``reproduce-table`` reuses them; delete the file to measure again.
+second ``reproduce-table`` reuses them; delete the file to measure again. GPU columns measured on another
+machine (``python -m lesion_kd.reporting.efficiency --gpu-only --out <results>`` there) are kept in
+``<results>/efficiency_gpu.json`` and shown beside this machine's CPU columns when this one has no GPU.
 """
 
 from __future__ import annotations
@@ -70,9 +72,11 @@ def _time(fn, x: torch.Tensor, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(size: int = 256, batch: int = 8, repeats: int = 5) -> list[dict]:
-    """One row per model: params (M), GFLOPs of one image at its input size, CPU (and GPU) latency and throughput."""
+def measure(size: int = 256, batch: int = 8, repeats: int = 5, devices: list[str] | None = None) -> list[dict]:
+    """One row per model: params (M), GFLOPs of one image at its input size, latency and throughput on each
+    of ``devices`` (default: the CPU, and the GPU when there is one)."""
     rows = []
+    devices = devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for label, (kind, name) in MODELS.items():
         net, side = _build(kind, name, size)
         params = sum(p.numel() for p in net.parameters()) / 1e6
@@ -80,7 +84,6 @@ def measure(size: int = 256, batch: int = 8, repeats: int = 5) -> list[dict]:
             net(torch.randn(1, 3, side, side))
         row = {"model": label, "input": f"{side}x{side}", "params_m": round(params, 3),
                "gflops": round(counter.get_total_flops() / 1e9, 2)}
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for dev in devices:
             net = net.to(dev)
             b = batch if kind == "model" else max(1, batch // 4)
@@ -109,19 +112,66 @@ def load_or_measure(results: Path, size: int = 256, batch: int = 8, repeats: int
     return doc
 
 
-def markdown(doc: dict) -> str:
+def load_gpu(results: Path) -> dict | None:
+    """``<results>/efficiency_gpu.json`` (GPU columns measured on another machine), or None."""
+    path = results / "efficiency_gpu.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def markdown(doc: dict, gpu_doc: dict | None = None) -> str:
+    """The table; GPU columns from ``doc`` when its machine had a GPU, else from ``gpu_doc`` (measured on
+    another machine, named in the caption), else none."""
     m = doc["machine"]
-    gpu = "gpu" in m
+    if "gpu" in m:
+        gpu_rows, gpu_note = {r["model"]: r for r in doc["rows"]}, f" and {m['gpu']}"
+    elif gpu_doc is not None:
+        g = gpu_doc["machine"]
+        gpu_rows = {r["model"]: r for r in gpu_doc["rows"]}
+        gpu_note = (f"; GPU columns on another machine: {g['gpu']} (torch {g['torch']}, same sizes and batches,"
+                    f" median of {gpu_doc['repeats']} calls)")
+    else:
+        gpu_rows, gpu_note = {}, "; no GPU on this machine, so no GPU columns"
+    gpu = bool(gpu_rows)
     head = ("| model | input | params (M) | GFLOPs / image | CPU latency (ms, batch 1) | CPU throughput (img/s) |"
             + (" GPU latency (ms) | GPU throughput (img/s) |" if gpu else ""))
     lines = [f"Measured on {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads)"
-             + (f" and {m['gpu']}" if gpu else "; no GPU on this machine, so no GPU columns") + f", torch {m['torch']}; "
+             + gpu_note + f", torch {m['torch']}; "
              f"throughput at batch {doc['batch']} (teacher: batch {max(1, doc['batch'] // 4)}), median of "
              f"{doc['repeats']} calls.", "", head, "|---" * (6 + 2 * gpu) + "|"]
     for r in doc["rows"]:
         line = (f"| {r['model']} | {r['input']} | {r['params_m']:.3f} | {r['gflops']:.2f} | "
                 f"{r['cpu_latency_ms']:.1f} | {r['cpu_throughput']:.1f} |")
         if gpu:
-            line += f" {r['cuda_latency_ms']:.2f} | {r['cuda_throughput']:.1f} |"
+            g = gpu_rows.get(r["model"], {})
+            line += (f" {g['cuda_latency_ms']:.2f} | {g['cuda_throughput']:.1f} |" if "cuda_latency_ms" in g
+                     else " | |")
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """``--gpu-only --out DIR``: measure the GPU columns on this (GPU) machine into DIR/efficiency_gpu.json."""
+    import argparse
+
+    from ..data.io import atomic_write_bytes
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--gpu-only", action="store_true", required=True, help="measure on the GPU only")
+    p.add_argument("--out", type=Path, required=True, help="results folder (efficiency_gpu.json is written there)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("efficiency --gpu-only: no CUDA GPU on this machine")
+    doc = {"machine": machine_summary(), "size": args.size, "batch": args.batch, "repeats": args.repeats,
+           "rows": measure(args.size, args.batch, args.repeats, devices=["cuda"])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out / "efficiency_gpu.json", (json.dumps(doc, indent=1) + "\n").encode())
+    for r in doc["rows"]:
+        print(f"{r['model']}: {r['cuda_latency_ms']:.2f} ms (batch 1), {r['cuda_throughput']:.1f} img/s on {doc['machine']['gpu']}")
+    print(f"wrote {args.out / 'efficiency_gpu.json'}")
+
+
+if __name__ == "__main__":
+    main()

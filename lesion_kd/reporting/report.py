@@ -375,7 +375,7 @@ def write_outputs(m: Manifest) -> list[Path]:
     eff_doc = efficiency.load_or_measure(m.results, eff.get("size", 256), eff.get("batch", 8), eff.get("repeats", 5))
     texts = {"table.md": table_markdown(m, table_agg, table_missing), "table.csv": table_csv(table_agg),
              "ablation.md": ablation_markdown(m, abl_agg, abl_missing),
-             "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc)}"}
+             "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc, efficiency.load_gpu(m.results))}"}
     table_cells = [c for c in m.cells if c.part == "table"]
     qual, notes = qualitative_figure(m, table_cells)
     figures = [("Test Dice per method", dice_figure(table_agg), "mean ± std over seeds"),
