@@ -169,6 +169,21 @@ def test_contrast_skips_images_without_foreground():
     torch.testing.assert_close(contrast_loss(feats, empty), contrast_loss(feats[:1], probs[:1]))
 
 
+def test_contrast_min_area_leaves_out_images_without_a_confident_lesion():
+    """A lesion-free image whose prediction is a diffuse low lesion probability still has soft foreground
+    mass (so min_mass keeps it); min_area leaves it out, as it leaves out a confident lesion under the area."""
+    feats, probs = two_region_features(4.0)  # lesion: 16 of 64 pixels (25%) in both images
+    diffuse = probs.clone()
+    diffuse[1, 1], diffuse[1, 0] = 0.2, 0.8  # image 1: p = 0.2 everywhere, soft mass 12.8 pixels
+    both = contrast_loss(feats, diffuse)
+    assert both != contrast_loss(feats[:1], probs[:1])  # the diffuse image counts without min_area
+    torch.testing.assert_close(contrast_loss(feats, diffuse, min_area=0.01), contrast_loss(feats[:1], probs[:1]))
+    assert contrast_loss(feats, probs, min_area=0.3) == 0  # 25% < 30%: no image left
+    torch.testing.assert_close(contrast_loss(feats, probs, min_area=0.25), contrast_loss(feats, probs))
+    with pytest.raises(ValueError, match="contrast_min_area"):
+        DSSLoss(contrast_min_area=1.5)
+
+
 # --- DSSLoss ---------------------------------------------------------------------------------------
 
 

@@ -64,6 +64,19 @@ def test_each_ablation_config_switches_the_right_terms(row, kd, dss):
         assert m.pckd.mode == row
 
 
+def test_contrast_min_area_reaches_the_contrast_term():
+    """model.contrast_min_area: above the untrained student's predicted lesion area (it never covers every
+    pixel), the contrast term has no image left and is exactly 0; by default it counts every image."""
+    default = module()
+    assert default.dss.contrast_min_area == 0.0
+    default.training_step(batch(), 0)
+    assert default._last_losses["dss_contrast"] != 0
+    m = module(contrast_min_area=1.0)
+    assert m.dss.contrast_min_area == 1.0
+    m.training_step(batch(), 0)
+    assert m._last_losses["dss_contrast"] == 0
+
+
 def test_full_method_step_runs_under_bf16_autocast_on_cpu():
     # the cpu profile trains in bf16-mixed: every term must have a bf16 CPU path
     m = module()

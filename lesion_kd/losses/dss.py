@@ -124,7 +124,7 @@ def _resize_weights(w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def contrast_loss(
-    features: torch.Tensor, probs: torch.Tensor, eps: float = 1e-6, min_mass: float = 1.0
+    features: torch.Tensor, probs: torch.Tensor, eps: float = 1e-6, min_mass: float = 1.0, min_area: float = 0.0
 ) -> torch.Tensor:
     """Foreground/background feature contrast, per image, averaged over images.
 
@@ -138,7 +138,10 @@ def contrast_loss(
 
     Per image rather than over the batch: a lesion has to stand out from its own surroundings, and
     backgrounds differ between images. Images with soft foreground or background mass below
-    ``min_mass`` (in feature pixels) are left out; the result is the mean over the rest (0 if none).
+    ``min_mass`` (in feature pixels), or whose predicted lesion (probs[:, 1] > 0.5) covers less than
+    ``min_area`` of the image, are left out; the result is the mean over the rest (0 if none). With
+    ``min_area`` > 0 an image without a confident lesion (a lesion-free image, as BUSI's "normal" class)
+    does not make the features separate a lesion that is not there.
     The ratio is invariant to the scale of f, so features cannot lower the loss by growing. The loss is
     unbounded below (well-separated features give negative values), and near zero separation its
     gradient is of order 1/sqrt(eps (s_f + s_b)): keep its weight small early in training.
@@ -162,7 +165,8 @@ def contrast_loss(
     mu_b, s_b, m_b = moments(w[:, 0])
     ratio = (mu_f - mu_b).pow(2).sum(1) / (s_f + s_b + eps)
     per_image = -torch.log(ratio + eps)
-    valid = ((m_f >= min_mass) & (m_b >= min_mass)).float()
+    area = (probs.detach()[:, 1] > 0.5).float().mean(dim=(1, 2))  # hard lesion fraction, at the probs' size
+    valid = ((m_f >= min_mass) & (m_b >= min_mass) & (area >= min_area)).float()
     return (per_image * valid).sum() / valid.sum().clamp_min(1)
 
 
@@ -196,8 +200,12 @@ class DSSLoss(nn.Module):
         use_contrast: bool = True,
         momentum: float = 0.99,
         hard_balance: bool = False,
+        contrast_min_area: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= contrast_min_area <= 1.0:
+            raise ValueError(f"contrast_min_area={contrast_min_area}: must be in [0, 1]")
+        self.contrast_min_area = float(contrast_min_area)
         self.gamma2, self.gamma3 = float(gamma2), float(gamma3)
         self.use_consistency, self.use_alignment, self.use_contrast = use_consistency, use_alignment, use_contrast
         self.hard_balance = hard_balance
@@ -225,7 +233,7 @@ class DSSLoss(nn.Module):
             if features is None:
                 raise ValueError("DSSLoss: the contrast term needs the student's decoder features")
             probs = F.softmax(logits_weak.float(), dim=1) if contrast_probs is None else contrast_probs
-            out["contrast"] = contrast_loss(features, probs)
+            out["contrast"] = contrast_loss(features, probs, min_area=self.contrast_min_area)
             total = total + self.gamma3 * out["contrast"]
         out["dss"] = total
         return out

@@ -66,6 +66,8 @@ class SemiKDModule(SegmentationModule):
         use_alignment: switch the labeled/unlabeled distribution alignment term.
         use_contrast: switch the foreground/background contrast term.
         dss_momentum: momentum of the moving average of labeled statistics.
+        contrast_min_area: the contrast term leaves out unlabeled images whose predicted lesion covers less
+            than this fraction of the image (0: every image with a soft foreground; see ``contrast_loss``).
     """
 
     method_name = "semikd"
@@ -114,6 +116,7 @@ class SemiKDModule(SegmentationModule):
         use_alignment: bool = True,
         use_contrast: bool = True,
         dss_momentum: float = 0.99,
+        contrast_min_area: float = 0.0,
     ) -> None:
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
@@ -134,7 +137,7 @@ class SemiKDModule(SegmentationModule):
         )
         self.dss = (
             DSSLoss(gamma2, gamma3, use_consistency=use_consistency, use_alignment=use_alignment,
-                    use_contrast=use_contrast, momentum=dss_momentum)
+                    use_contrast=use_contrast, momentum=dss_momentum, contrast_min_area=contrast_min_area)
             if use_dss else None
         )
         # Kept out of the module tree on purpose: the teacher is frozen and never saved with the student.
