@@ -2,6 +2,8 @@
 
 - ``WandbPredictionImages``: a few fixed validation images with ground-truth and predicted masks, logged to
   W&B at every validation epoch end (rank 0 only), so that one can watch the predictions improve;
+- ``ProgressLines``: a line per validation and every few minutes (step, time left, loss, val Dice) where the
+  progress bar is off, e.g. in the log file of a ``reproduce-table`` cell;
 - ``TrainIdsRecorder``: an opt-in record of the training image ids each process saw
   (``train_ids_rank{r}.json`` in the run directory), to check data sharding under DDP;
 - ``redact_secrets``, ``SecretSafeWandbLogger``, ``argv_has_secret``: no secret-looking value (an API key, a
@@ -189,6 +191,49 @@ class WandbRunId(Callback):
         logger = find_wandb_logger(trainer)
         if logger is not None and trainer.is_global_zero and trainer.log_dir:
             atomic_write_bytes(Path(trainer.log_dir) / "wandb_id.txt", f"{logger.version}\n".encode())
+
+
+class ProgressLines(Callback):
+    """Where the progress bar is off (``--trainer.enable_progress_bar false``, as ``reproduce-table`` runs its
+    cells, whose output goes to a log file), one line per validation and one every ``minutes`` of training:
+    step / total, elapsed minutes, the time left at this pace, the last training loss and validation Dice.
+    Rank 0 only."""
+
+    def __init__(self, minutes: float = 5.0) -> None:
+        self.minutes = minutes
+        self._t0 = self._last = 0.0
+        self._step0 = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = self._last = time.monotonic()
+        self._step0 = trainer.global_step  # a resumed run: its pace counts from here
+
+    def line(self, trainer: L.Trainer, what: str) -> str | None:
+        if not trainer.is_global_zero:
+            return None
+        step, total = trainer.global_step, trainer.max_steps
+        if total is None or total < 0:
+            total = int(trainer.estimated_stepping_batches)
+        elapsed = time.monotonic() - self._t0
+        done = step - self._step0
+        left = f", about {(total - step) * elapsed / done / 60:.0f} min left" if done > 0 and elapsed > 0 else ""
+        text = f"[{what}] step {step}/{total} ({100 * step / max(total, 1):.0f}%), {elapsed / 60:.1f} min{left}"
+        metrics = trainer.callback_metrics
+        for key, label in (("train/loss", "loss"), ("val/dice", "val Dice")):
+            if key in metrics:
+                text += f", {label} {float(metrics[key]):.4f}"
+        print(text, flush=True)
+        return text
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= 60 * self.minutes:
+            self._last = now
+            self.line(trainer, "train")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.line(trainer, "val")
 
 
 class CheckpointOnSigterm(Callback):

@@ -60,6 +60,7 @@ class LesionCLI(LightningCLI):
 
         from .callbacks import (
             CheckpointOnSigterm,
+            ProgressLines,
             StepSeeding,
             TrainIdsRecorder,
             WandbPredictionImages,
@@ -71,6 +72,8 @@ class LesionCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         sub = self._sub()
         extra: list = [CheckpointOnSigterm(), StepSeeding()]
+        if trainer.progress_bar_callback is None:  # a log file, not a terminal: a line now and then instead
+            extra.append(ProgressLines())
         if self.subcommand == "fit":
             self._resuming = self._resolve_last(trainer)
         if sub.get("record_train_ids"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,11 +146,13 @@ def test_experiment_file_composes_data_method_and_profile(tmp_path):
 
 
 def test_supervised_fit_trains_the_mamba_student_by_name(tmp_path, data_dir):
+    """... and, with the progress bar off (as reproduce-table's cells run), prints a line per validation."""
     out = lesion_kd("fit", *BASE, "--model.network", "mamba_unet", "--trainer.default_root_dir", str(tmp_path),
-                    env_extra={"LESION_KD_DATA": str(data_dir)})
+                    "--trainer.enable_progress_bar", "false", env_extra={"LESION_KD_DATA": str(data_dir)})
     run = run_dir_of(tmp_path)
     assert "network: mamba_unet" in (run / "config.yaml").read_text()
     assert json.loads((run / "metrics.json").read_text())["n_images"] == 8 and "metrics written to" in out.stdout
+    assert re.search(r"^\[val\] step \d+/\d+ \(\d+%\), [\d.]+ min.*val Dice [\d.]+$", out.stdout, re.M), out.stdout[-2000:]
 
 
 def test_the_command_entry_point_does_not_load_lightning_until_a_lightning_command_runs():
