@@ -87,10 +87,21 @@ def expand_configs(argv: list[str]) -> list[str]:
     return out
 
 
-def run_lightning(args: list[str] | None) -> None:
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
+
+
+def run_lightning(args: list[str] | None) -> int:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from .lightning_cli import run_lightning as _run  # Lightning and the training code load only here
 
-    _run(args)
+    try:
+        _run(args)
+    except SIGTERMException:
+        # Lightning's SIGTERMException is a SystemExit without a code, i.e. exit status 0: a preempted run
+        # (checkpoint saved, not finished) would look done to a scheduler or a `&&` chain
+        return SIGTERM_EXIT
+    return 0
 
 
 def _call(target: str, args: list[str]):
@@ -116,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # we always hand LightningCLI the (expanded) arguments; its warning about sys.argv also being set is moot
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    run_lightning(expand_configs(argv))
-    return 0
+    return run_lightning(expand_configs(argv))
 
 
 if __name__ == "__main__":

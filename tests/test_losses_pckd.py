@@ -61,6 +61,23 @@ def test_feature_map_loss_is_zero_for_same_direction_at_any_scale_and_positive_o
     assert feature_map_loss(f, -f).item() == pytest.approx(4.0, abs=1e-5)
 
 
+def test_centred_feature_map_loss_cannot_be_met_by_a_constant_feature():
+    """The degenerate minimum of the uncentred L_map: every pixel of the student's feature one shared
+    direction (a large constant vector plus small deviations), the projected teacher that same constant.
+    Uncentred that scores about 0; centred, the deviations have to match the teacher's, and a teacher
+    whose deviations are the student's, plus another mean and scale, scores 0."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(1, C_S, 1, 1, generator=g)
+    collapsed = 100 * v + 0.1 * torch.randn(B, C_S, 4, 4, generator=g)
+    constant = v.expand(B, C_S, 4, 4)
+    assert feature_map_loss(collapsed, constant, centered=False).item() < 1e-3
+    assert feature_map_loss(collapsed, constant + 1e-3 * torch.randn(B, C_S, 4, 4, generator=g)).item() > 1.0
+    teacher = torch.randn(B, C_S, 4, 4, generator=g)
+    assert feature_map_loss(collapsed, teacher).item() > 1.0
+    dev = collapsed - collapsed.mean(dim=(2, 3), keepdim=True)
+    assert feature_map_loss(collapsed, 7.0 * dev - 3.0 * v).item() == pytest.approx(0.0, abs=1e-5)
+
+
 def test_feature_map_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         feature_map_loss(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2))
@@ -174,6 +191,20 @@ def test_response_loss_is_zero_when_projected_teacher_matches_student(kind):
     loss, draw = response_loss(dec, [skip], f_s, f_s.detach() * 2.5, FeaturePerturbation(kind, 0.9))
     assert draw.kind == kind
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_centred_response_loss_is_zero_when_the_teachers_deviations_match_whatever_its_mean():
+    """The centred teacher branch is the student's image mean plus the teacher's deviations at the
+    student's scale: a projected teacher with the student's deviations (scaled) and another mean gives 0,
+    which the uncentred branch does not."""
+    skip, f_s = student_feats()
+    dec = TinyDecoder()
+    dev = f_s.detach() - f_s.detach().mean(dim=(2, 3), keepdim=True)
+    p_t = 2.5 * dev + torch.randn(1, f_s.shape[1], 1, 1)
+    loss, _ = response_loss(dec, [skip], f_s, p_t, FeaturePerturbation("noise", 0.9))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    uncentred, _ = response_loss(dec, [skip], f_s, p_t, FeaturePerturbation("noise", 0.9), centered=False)
+    assert uncentred.item() > 1e-4
 
 
 def test_response_loss_is_positive_when_teacher_differs_and_uses_the_given_decoder_skips():

@@ -77,6 +77,10 @@ def test_contrast_min_area_reaches_the_contrast_term():
     assert m._last_losses["dss_contrast"] == 0
 
 
+def test_map_centered_is_the_default_and_can_be_switched_off():
+    assert module().pckd.centered is True and module(map_centered=False).pckd.centered is False
+
+
 def test_full_method_step_runs_under_bf16_autocast_on_cpu():
     # the cpu profile trains in bf16-mixed: every term must have a bf16 CPU path
     m = module()

@@ -36,6 +36,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data_dir, to):
         proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert "SIGTERM: checkpoint saved to" in out, out[-3000:]
+    assert proc.returncode == 143  # stopped, not finished: 128 + SIGTERM, not 0
     ckpt = Path(out.split("SIGTERM: checkpoint saved to ")[1].split()[0])
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < step < 100000

@@ -3,13 +3,22 @@
 The frozen teacher's image embedding f_t (B, 256, 64, 64) is mapped by a trainable projector P into the
 student's deepest feature space f_s (B, C_s, h, w), then
 
-    L_map  = mean_{b,y,x} || n(f_s) - n(P(f_t)) ||^2,             n = L2 normalisation over channels
+    L_map  = mean_{b,y,x} || n(c(f_s)) - n(c(P(f_t))) ||^2,       n = L2 normalisation over channels,
+                                                                  c = centring: minus the image's spatial mean
     L_resp = mean_{b,y,x} KL( softmax(D(pi(P(f_t)))) || softmax(D(pi(f_s))) )
     L_pckd = L_map + beta * L_resp
 
 where D(x) = decode([*skips, x]) is the student's own decoder fed with the student's own skips and the
 deepest feature replaced, and pi is ONE random perturbation draw applied to both branches. The teacher
 branch of L_resp is a target (detached), so the projector is trained by L_map alone.
+
+Why the centring (``center``, default on; method.md writes n(f_s) - n(P(f_t))): with both sides trainable
+and the comparison scale-free, the uncentred L_map has a degenerate minimum: every pixel of the student's
+deepest feature turned to one shared direction, P's output the same constant. Measured on the cpu-profile
+checkpoints (2026-11-26): every run with uncentred L_map (SemiKD, L_sup + L_map, L_sup + L_pckd, Kvasir-SEG
+and BUSI) ended with the deepest feature's pixel directions coherent to 1.000 (norm of the mean unit
+vector) and per-pixel norms of 550-1020, against 0.60-0.63 and 16-49 without L_map. Centred, a constant
+feature has nothing left to match: the student has to reproduce the teacher's spatial structure.
 
 ``FeatureKD`` is the FitNets-style ablation (regressor + MSE, no mapping network, no perturbation);
 ``PCKDLoss`` switches between the three modes. The projector and the regressor exist only for training:
@@ -33,6 +42,7 @@ __all__ = [
     "PCKDLoss",
     "PerturbationDraw",
     "Projector",
+    "center",
     "feature_map_loss",
     "resize_features",
     "response_loss",
@@ -112,12 +122,20 @@ class Projector(nn.Module):
         return resize_features(self.refine(x), size)
 
 
-def feature_map_loss(f_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
-    """L_map = mean_{b,y,x} sum_c ( n(f_s) - n(p_t) )_c^2 with n(v) = v / ||v||_2 over channels.
+def center(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) minus each image's spatial mean per channel."""
+    return x - x.mean(dim=(2, 3), keepdim=True)
+
+
+def feature_map_loss(f_s: torch.Tensor, p_t: torch.Tensor, centered: bool = True) -> torch.Tensor:
+    """L_map = mean_{b,y,x} sum_c ( n(c(f_s)) - n(c(p_t)) )_c^2 with n(v) = v / ||v||_2 over channels and
+    c(f) = f - mean_{y,x} f per image and channel (``centered``; without it, c is the identity).
 
     Args:
         f_s: student feature (B, C, h, w).
         p_t: projected teacher feature (B, C, h, w); gradient flows to both (the projector learns here).
+        centered: compare the pixels' deviations from their image's mean feature (default), so that a
+            feature map that is one constant vector cannot match (see the module docstring).
 
     Returns:
         scalar in [0, 4]: 0 when the two point the same way at every pixel (any positive scale), 2 when
@@ -125,7 +143,10 @@ def feature_map_loss(f_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
     """
     if f_s.shape != p_t.shape:
         raise ValueError(f"feature_map_loss: shapes differ, {tuple(f_s.shape)} vs {tuple(p_t.shape)}")
-    d = F.normalize(f_s.float(), dim=1) - F.normalize(p_t.float(), dim=1)
+    f_s, p_t = f_s.float(), p_t.float()
+    if centered:
+        f_s, p_t = center(f_s), center(p_t)
+    d = F.normalize(f_s, dim=1) - F.normalize(p_t, dim=1)
     return d.pow(2).sum(1).mean()
 
 
@@ -234,6 +255,7 @@ def response_loss(
     perturbation: FeaturePerturbation,
     *,
     rescale_teacher: bool = True,
+    centered: bool = True,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, PerturbationDraw]:
     """L_resp = mean_{b,y,x} KL( softmax(D(pi(t))) || softmax(D(pi(f_s))) ),  D(x) = decode([*skips, x]).
@@ -251,6 +273,10 @@ def response_loss(
             scale of P(f_t); the decoder's response to an arbitrarily scaled input would be meaningless.
             With the rescaling the teacher branch carries the teacher's direction at the student's
             magnitude, exactly what L_map aligns, and L_resp = 0 whenever L_map = 0.
+        centered: with ``rescale_teacher``, as L_map's centring: t = mean(f_s) + n(c(p_t)) * ||c(f_s)||, the
+            student's own image mean plus the teacher's deviations at the student's per-pixel magnitude
+            (L_map compares only the deviations, so nothing trains the mean of P(f_t)); again L_resp = 0
+            whenever L_map = 0.
         generator: optional RNG for the draw.
 
     The teacher branch is a target: it is computed from ``p_t.detach()`` under ``no_grad``, so neither the
@@ -266,7 +292,10 @@ def response_loss(
     skips = list(skips)
     draw = perturbation.sample(f_s.detach(), generator=generator)
     t = p_t.detach()
-    if rescale_teacher:
+    if rescale_teacher and centered:
+        mean = f_s.detach().mean(dim=(2, 3), keepdim=True)
+        t = mean + F.normalize(center(t), dim=1) * (f_s.detach() - mean).norm(dim=1, keepdim=True)
+    elif rescale_teacher:
         t = F.normalize(t, dim=1) * f_s.detach().norm(dim=1, keepdim=True)
     with torch.no_grad():
         log_q = F.log_softmax(decode([*skips, perturbation.apply(t, draw)]).float(), dim=1)
@@ -321,11 +350,12 @@ class PCKDLoss(nn.Module):
         strength: float = 0.3,
         projector_hidden: int | None = None,
         rescale_teacher: bool = True,
+        centered: bool = True,
     ) -> None:
         super().__init__()
         if mode not in PCKD_MODES:
             raise ValueError(f"unknown PCKD mode {mode!r}; choose one of: {', '.join(PCKD_MODES)}")
-        self.mode, self.beta, self.rescale_teacher = mode, float(beta), rescale_teacher
+        self.mode, self.beta, self.rescale_teacher, self.centered = mode, float(beta), rescale_teacher, centered
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
         # validated even in modes that do not use it, so a typo in a config fails at construction
         self.perturbation = FeaturePerturbation(perturbation, strength)
@@ -352,13 +382,14 @@ class PCKDLoss(nn.Module):
             loss = self.featkd(f_s, f_t)
             return {"featkd": loss, "pckd": loss}
         p_t = self.projector(f_t, f_s.shape[-2:])
-        out = {"map": feature_map_loss(f_s, p_t)}
+        out = {"map": feature_map_loss(f_s, p_t, centered=self.centered)}
         total = out["map"]
         if self.mode == "pckd":
             if decode is None:
                 raise ValueError("PCKDLoss mode 'pckd' needs the student's decode callable")
             out["resp"], _ = response_loss(
-                decode, student_feats[:-1], f_s, p_t, self.perturbation, rescale_teacher=self.rescale_teacher
+                decode, student_feats[:-1], f_s, p_t, self.perturbation, rescale_teacher=self.rescale_teacher,
+                centered=self.centered,
             )
             total = total + self.beta * out["resp"]
         out["pckd"] = total

@@ -59,6 +59,10 @@ class SemiKDModule(SegmentationModule):
         beta: weight of L_resp inside L_pckd.
         perturbation: shared perturbation of L_resp: ``noise``, ``channel_dropout``, ``feature_drop`` or ``none``.
         perturbation_strength: its strength (noise amplitude a, or the dropout probability).
+        map_centered: L_map (and L_resp's teacher branch) compare the deepest features' deviations from
+            their image mean (default); false: the uncentred L_map of method.md, which collapses the
+            student's deepest feature to one direction (``lesion_kd.losses.pckd``; results before
+            2026-11-26 were trained with it).
         use_dss: switch L_dss on or off.
         gamma2: weight of the distribution-alignment term inside L_dss.
         gamma3: weight of the contrast term inside L_dss.
@@ -109,6 +113,7 @@ class SemiKDModule(SegmentationModule):
         beta: float = 1.0,
         perturbation: Literal["noise", "channel_dropout", "feature_drop", "none"] = "noise",
         perturbation_strength: float = 0.3,
+        map_centered: bool = True,
         use_dss: bool = True,
         gamma2: float = 0.1,
         gamma3: float = 0.1,
@@ -132,7 +137,7 @@ class SemiKDModule(SegmentationModule):
             raise ValueError(f"model.teacher_checkpoint={teacher_checkpoint!r}: file not found")
         self.pckd = (
             PCKDLoss(self.net.feature_channels[-1], 256, mode=kd_mode, beta=beta, perturbation=perturbation,
-                     strength=perturbation_strength)
+                     strength=perturbation_strength, centered=map_centered)
             if kd_mode != "none" else None
         )
         self.dss = (

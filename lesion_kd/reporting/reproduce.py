@@ -282,6 +282,10 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
             else:
                 tail = log.read_text(errors="replace").splitlines()[-15:]
                 failures.append({"cell": cell.key, "returncode": proc.returncode, "log": str(log)})
+                if proc.returncode == 143:  # lesion-kd's exit status after a SIGTERM checkpoint
+                    print(f"  {cell.key}: stopped by SIGTERM; its checkpoint resumes it at the next invocation "
+                          f"(log: {log})", flush=True)
+                    continue
                 print(f"  {cell.key}: FAILED (exit {proc.returncode}); last lines of {log}:\n    "
                       + "\n    ".join(tail), flush=True)
     return failures
