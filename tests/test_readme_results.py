@@ -73,3 +73,21 @@ def test_the_committed_readme_table_is_current():
     text = (REPO / "README.md").read_text()
     block = text[text.index(BEGIN) + len(BEGIN) + 1: text.index(END)]
     assert block == results_table(load_manifest(REPO / "experiments/reproduce/cpu.yaml"))
+
+
+def test_rows_trained_with_the_uncentred_l_map_are_marked(tmp_path):
+    from lesion_kd.reporting.readme import uncentred_map
+
+    def cell(name, class_path, **init):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.yaml").write_text(yaml.safe_dump({"model": {"class_path": class_path, "init_args": init}}))
+        return d
+
+    semikd = "lesion_kd.methods.SemiKDModule"
+    assert uncentred_map(cell("old", semikd, kd_mode="pckd"))  # before map_centered existed
+    assert uncentred_map(cell("map", semikd, kd_mode="map", map_centered=False))
+    assert not uncentred_map(cell("new", semikd, kd_mode="pckd", map_centered=True))
+    assert not uncentred_map(cell("featkd", semikd, kd_mode="featkd"))
+    assert not uncentred_map(cell("sup", "lesion_kd.methods.Supervised"))
+    assert not uncentred_map(tmp_path / "missing")

@@ -48,6 +48,25 @@ def _network(network: str, efficiency: dict) -> str:
     return label
 
 
+UNCENTRED_NOTE = ("† trained with method.md's uncentred L_map, which collapses the student's deepest feature to one "
+                  "direction (`lesion_kd/losses/pckd.py`, `benchmarks/feature_collapse.py`); the default is now the "
+                  "centred L_map (`model.map_centered`), and these rows are being rerun with it.")
+
+
+def uncentred_map(run_dir: Path) -> bool:
+    """Whether a finished cell's resolved config trained SemiKD with an L_map that was not centred (configs
+    from before ``map_centered`` existed have no such key)."""
+    import yaml
+
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file():
+        return False
+    model = (yaml.safe_load(cfg.read_text()) or {}).get("model") or {}
+    init = model.get("init_args") or {}
+    return (str(model.get("class_path", "")).endswith("SemiKDModule") and init.get("kd_mode", "pckd") in ("pckd", "map")
+            and not init.get("map_centered", False))
+
+
 def fit_command(m: Manifest, cell: Cell, seeds: list[int]) -> str:
     """The ``lesion-kd fit`` command of a row: the cell's own arguments, without reproduce-table's bookkeeping."""
     cmd = "lesion-kd fit " + " ".join(cell_args(m, cell))
@@ -71,17 +90,20 @@ def results_table(m: Manifest) -> str:
     efficiency = json.loads(eff.read_text()) if eff.is_file() else {}
     lines = ["| dataset | labels | method | network (parameters) | Dice % | IoU % | HD95 px | ASD px | seeds | "
              "wall per run | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    marked = False
     for r in agg:
         cells = [c for c in by_group[(r["dataset"], r["labels"], r["method"], r["network"])]
                  if (c.dataset, c.labels, c.method, c.network, c.seed) in finished]
         timings = [json.loads(t.read_text()) for c in cells if (t := cell_dir(m, c) / "timing.json").is_file()]
         whole = [t["wall_s"] for t in timings if not t.get("resumed")]  # a resumed run's wall is only its last part
         wall = f"{sum(whole) / len(whole) / 60:.0f} min" if whole else ("resumed" if timings else "")
+        dagger = "†" if any(uncentred_map(cell_dir(m, c)) for c in cells) else ""
+        marked |= bool(dagger)
         lines.append(
-            f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {METHOD_NAMES.get(r['method'], r['method'])} | "
+            f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {METHOD_NAMES.get(r['method'], r['method'])}{dagger} | "
             f"{_network(r['network'], efficiency)} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'hd95', 1)} | "
             f"{_fmt(r, 'asd', 1)} | {r['seeds']} | {wall} | {fit_command(m, cells[0], sorted(c.seed for c in cells))} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + (["", UNCENTRED_NOTE] if marked else [])) + "\n"
 
 
 def splice(readme: Path, table: str) -> bool:
