@@ -129,6 +129,16 @@ class LesionCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self.model.on_nonfinite = self._sub().get("on_nonfinite", "stop")
+        ckpt = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt and not os.environ.get(ALLOW_CHANGED_RESUME):
+            changed = changed_hparams(ckpt, dict(self.model.hparams))
+            if changed:
+                raise SystemExit(
+                    f"lesion-kd fit: {ckpt} was trained with another model configuration, and resuming it would "
+                    f"mix the two in one run: {'; '.join(changed)}. Resume with the run's own config.yaml "
+                    f"(--config <run>/config.yaml), start a new run (another --trainer.default_root_dir), or set "
+                    f"{ALLOW_CHANGED_RESUME}=1 to resume anyway."
+                )
 
     def before_predict(self) -> None:
         self.model.predict_output = self._sub().get("predict_output")
@@ -154,6 +164,31 @@ class LesionCLI(LightningCLI):
                 shutil.copyfile(run_dir / name, tmp)
                 os.replace(tmp, dest / name)
         print(f"results copied to {dest}")
+
+
+ALLOW_CHANGED_RESUME = "LESION_KD_RESUME_CHANGED_CONFIG"
+
+
+def changed_hparams(ckpt: str | os.PathLike, hparams: dict) -> list[str]:
+    """``key: old -> new`` for every model hyperparameter that differs between a checkpoint and this run
+    (a key the checkpoint lacks, e.g. an option added to the code since, counts as changed: its new default
+    may change the training)."""
+    import json
+
+    import torch
+
+    def norm(v):  # tuples vs lists, numbers vs strings after a round trip: compare what JSON sees
+        return json.loads(json.dumps(v, default=str, sort_keys=True))
+
+    old = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    skip = {"_instantiator"}
+    missing = "(absent)"
+    out = []
+    for key in sorted((set(old) | set(hparams)) - skip):
+        a, b = old.get(key, missing), hparams.get(key, missing)
+        if norm(a) != norm(b):
+            out.append(f"model.{key.lstrip('_')}: {a!r} -> {b!r}".replace(repr(missing), missing))
+    return out
 
 
 def run_lightning(args: list[str] | None) -> None:

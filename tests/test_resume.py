@@ -79,6 +79,33 @@ def test_ckpt_path_last_without_a_previous_run_starts_a_new_one(tmp_path, data_d
     assert "no last.ckpt under" in out.stdout and list(tmp_path.rglob("last.ckpt"))
 
 
+def test_resuming_with_another_model_configuration_is_refused_naming_the_change(tmp_path, data_dir):
+    """A run resumed with other model options (or with code that added an option since) would mix two
+    trainings in one result: refused before training, naming the options; the run's own config resumes."""
+    env = {"LESION_KD_DATA": str(data_dir)}
+    base = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
+            "--config", "experiments/profile/smoke.yaml", "--trainer.default_root_dir", str(tmp_path),
+            "--test_after_fit", "false", "--trainer.max_steps", "2"]
+    lesion_kd("fit", *base, env_extra=env)
+    args = [*base, "--ckpt_path", "last", "--trainer.max_steps", "3"]
+    proc = subprocess.run([sys.executable, "-m", "lesion_kd.cli", "fit", *args, "--model.lr", "0.5"], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "was trained with another model configuration" in proc.stderr, proc.stderr[-2000:]
+    assert "model.lr: 0.01 -> 0.5" in proc.stderr
+    out = lesion_kd("fit", *args, env_extra=env)  # the same options resume
+    assert "resuming" in out.stdout
+
+
+def test_changed_hparams_counts_an_option_the_checkpoint_lacks(tmp_path):
+    from lesion_kd.lightning_cli import changed_hparams
+
+    ckpt = tmp_path / "c.ckpt"
+    torch.save({"hyper_parameters": {"lr": 0.01, "network_kwargs": {"channels": (8, 16)}, "_instantiator": "x"}}, ckpt)
+    assert changed_hparams(ckpt, {"lr": 0.01, "network_kwargs": {"channels": [8, 16]}, "_instantiator": "y"}) == []
+    assert changed_hparams(ckpt, {"lr": 0.01, "network_kwargs": {"channels": [8, 16]}, "map_centered": True}) == [
+        "model.map_centered: (absent) -> True"]
+
+
 def test_resumed_run_continues_its_wandb_run(tmp_path, data_dir):
     env = {"LESION_KD_DATA": str(data_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": ""}
     args = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
