@@ -180,14 +180,18 @@ def changed_hparams(ckpt: str | os.PathLike, hparams: dict) -> list[str]:
     def norm(v):  # tuples vs lists, numbers vs strings after a round trip: compare what JSON sees
         return json.loads(json.dumps(v, default=str, sort_keys=True))
 
-    old = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
-    skip = {"_instantiator"}
-    missing = "(absent)"
+    # mmap: only the small hyper_parameters entry is read, not the weights (the trainer loads those next)
+    old = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    absent = object()
+
+    def show(v) -> str:
+        return "(absent)" if v is absent else repr(v)
+
     out = []
-    for key in sorted((set(old) | set(hparams)) - skip):
-        a, b = old.get(key, missing), hparams.get(key, missing)
-        if norm(a) != norm(b):
-            out.append(f"model.{key.lstrip('_')}: {a!r} -> {b!r}".replace(repr(missing), missing))
+    for key in sorted((set(old) | set(hparams)) - {"_instantiator"}):
+        a, b = old.get(key, absent), hparams.get(key, absent)
+        if a is absent or b is absent or norm(a) != norm(b):
+            out.append(f"model.{key.lstrip('_')}: {show(a)} -> {show(b)}")
     return out
 
 

@@ -12,7 +12,7 @@ where D(x) = decode([*skips, x]) is the student's own decoder fed with the stude
 deepest feature replaced, and pi is ONE random perturbation draw applied to both branches. The teacher
 branch of L_resp is a target (detached), so the projector is trained by L_map alone.
 
-Why the centring (``center``, default on; method.md writes n(f_s) - n(P(f_t))): with both sides trainable
+Why the centring (``centered``, default on; method.md writes n(f_s) - n(P(f_t))): with both sides trainable
 and the comparison scale-free, the uncentred L_map has a degenerate minimum: every pixel of the student's
 deepest feature turned to one shared direction, P's output the same constant. Measured on the cpu-profile
 checkpoints (2026-11-26): every run with uncentred L_map (SemiKD, L_sup + L_map, L_sup + L_pckd, Kvasir-SEG
