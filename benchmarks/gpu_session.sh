@@ -22,7 +22,7 @@ $PY -c "import torch, lightning; print('torch', torch.__version__, 'lightning', 
 echo "== GPU tests $(date +%T)"
 [ "${GPU_TESTS:-1}" = 0 ] || timeout 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_scan_cuda.py tests/test_losses_pckd.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -4
 echo "== efficiency $(date +%T)"  # the report's GPU columns: copy $OUT/efficiency_gpu.json to experiments/results/cpu/
-[ "${EFFICIENCY:-1}" = 0 ] || timeout 120 $PY -m lesion_kd.reporting.efficiency --gpu-only --out "$OUT"
+[ "${EFFICIENCY:-1}" = 0 ] || timeout 120 $PY -m lesion_kd.reporting.efficiency --out "$OUT"
 echo "== cells $(date +%T)"
 touch /tmp/cells-start
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 20 > "$OUT/gpu-use.csv" 2>&1 &

@@ -3,7 +3,7 @@ of the student, the reference U-Net and the teacher on this machine's CPU and, w
 
 Measurements are cached per machine in ``<results>/efficiency.json`` (they take a minute on a CPU), so a
 second ``reproduce-table`` reuses them; delete the file to measure again. GPU columns measured on another
-machine (``python -m lesion_kd.reporting.efficiency --gpu-only --out <results>`` there) are kept in
+machine (``python -m lesion_kd.reporting.efficiency --out <results>`` there) are kept in
 ``<results>/efficiency_gpu.json`` and shown beside this machine's CPU columns when this one has no GPU.
 """
 
@@ -150,20 +150,19 @@ def markdown(doc: dict, gpu_doc: dict | None = None) -> str:
 
 
 def main() -> None:
-    """``--gpu-only --out DIR``: measure the GPU columns on this (GPU) machine into DIR/efficiency_gpu.json."""
+    """``--out DIR``: measure the GPU columns on this (GPU) machine into DIR/efficiency_gpu.json."""
     import argparse
 
     from ..data.io import atomic_write_bytes
 
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--gpu-only", action="store_true", required=True, help="measure on the GPU only")
     p.add_argument("--out", type=Path, required=True, help="results folder (efficiency_gpu.json is written there)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("efficiency --gpu-only: no CUDA GPU on this machine")
+        raise SystemExit("lesion_kd.reporting.efficiency: no CUDA GPU on this machine (it measures the GPU columns)")
     doc = {"machine": machine_summary(), "size": args.size, "batch": args.batch, "repeats": args.repeats,
            "rows": measure(args.size, args.batch, args.repeats, devices=["cuda"])}
     args.out.mkdir(parents=True, exist_ok=True)
