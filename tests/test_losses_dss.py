@@ -220,3 +220,28 @@ def test_dss_all_off_is_zero_and_contrast_without_features_is_an_error():
     assert set(out) == {"dss"} and out["dss"].item() == 0.0
     with pytest.raises(ValueError, match="decoder features"):
         DSSLoss()(weak, strong, None)
+
+
+def test_labeled_balance_area_keeps_a_lesion_free_batch_from_weighting_its_spurious_pixels():
+    """A batch of lesion-free images with a few spurious lesion pixels: balanced by the batch's own area,
+    those pixels weigh about 80 times; balanced by the labeled lesion area (here 20%), about 2.5 times."""
+    weak = torch.full((2, 2, 16, 16), 0.0)
+    weak[:, 0] = 6.0  # confident background...
+    weak[0, 1, 0, :2] = 12.0  # ...but two spurious lesion pixels
+    strong = torch.randn(2, 2, 16, 16)
+    labeled = torch.zeros(2, 2, 16, 16)
+    labeled[:, 1, :8, :] = 0.4  # labeled predictions: 0.4 on half the pixels, a mean lesion area of 20%
+    labeled[:, 0] = 1 - labeled[:, 1]
+    batch, prior = DSSLoss(balance_area="batch"), DSSLoss(balance_area="labeled")
+    feats = torch.randn(2, 4, 16, 16)
+    out_b = batch(weak, strong, feats, probs_labeled=labeled)["cons"]
+    out_p = prior(weak, strong, feats, probs_labeled=labeled)["cons"]
+    area = torch.tensor([0.8, 0.2])
+    torch.testing.assert_close(out_p, class_balanced_consistency(weak, strong, area=area))
+    torch.testing.assert_close(out_b, class_balanced_consistency(weak, strong))
+    q = torch.softmax(weak, 1)
+    w_batch = (q / (2 * q.mean(dim=(0, 2, 3)) + 1e-6).view(1, 2, 1, 1)).sum(1)
+    w_prior = (q / (2 * area + 1e-6).view(1, 2, 1, 1)).sum(1)
+    assert w_batch[0, 0, 0] > 50 and w_prior[0, 0, 0] < 3
+    with pytest.raises(ValueError, match="balance_area"):
+        DSSLoss(balance_area="image")

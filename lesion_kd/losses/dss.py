@@ -21,7 +21,8 @@ __all__ = ["DSSLoss", "DistributionAlignment", "class_balanced_consistency", "co
 
 
 def class_balanced_consistency(
-    logits_weak: torch.Tensor, logits_strong: torch.Tensor, eps: float = 1e-6, hard: bool = False
+    logits_weak: torch.Tensor, logits_strong: torch.Tensor, eps: float = 1e-6, hard: bool = False,
+    area: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class-balanced weak-to-strong consistency.
 
@@ -40,6 +41,9 @@ def class_balanced_consistency(
     its pixels weighted about 25x, the background about 0.5x. The strong view must be pixel-aligned
     with the weak one (the caller mixes the weak prediction the same way as a CutMix'd strong view).
 
+    ``area`` (K,) replaces the batch's own A_k (e.g. the lesion prior measured on labeled images): a batch
+    of lesion-free images then does not weight its few spurious lesion pixels tens of times.
+
     Returns:
         scalar, >= 0, 0 when the two predictions agree; gradient only to ``logits_strong``.
     """
@@ -51,7 +55,7 @@ def class_balanced_consistency(
     kl = (q * (log_q - log_p)).sum(1)  # (B, H, W)
     k = q.shape[1]
     r = F.one_hot(q.argmax(1), k).permute(0, 3, 1, 2).float() if hard else q
-    area = r.mean(dim=(0, 2, 3))  # (K,)
+    area = r.mean(dim=(0, 2, 3)) if area is None else area.to(r)  # (K,)
     k_eff = (area > 0).sum().clamp_min(1) if hard else k
     w = (r / (k_eff * area + eps).view(1, k, 1, 1)).sum(1)  # (B, H, W)
     return (w * kl).mean()
@@ -201,8 +205,12 @@ class DSSLoss(nn.Module):
         momentum: float = 0.99,
         hard_balance: bool = False,
         contrast_min_area: float = 0.0,
+        balance_area: str = "batch",
     ) -> None:
         super().__init__()
+        if balance_area not in ("batch", "labeled"):
+            raise ValueError(f"balance_area={balance_area!r}: 'batch' or 'labeled'")
+        self.balance_area = balance_area
         if not 0.0 <= contrast_min_area <= 1.0:
             raise ValueError(f"contrast_min_area={contrast_min_area}: must be in [0, 1]")
         self.contrast_min_area = float(contrast_min_area)
@@ -221,12 +229,16 @@ class DSSLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         total = logits_strong.new_zeros((), dtype=torch.float32)
+        if probs_labeled is not None and (self.use_alignment or self.balance_area == "labeled"):
+            self.alignment.update_labeled(probs_labeled)
         if self.use_consistency:
-            out["cons"] = class_balanced_consistency(logits_weak, logits_strong, hard=self.hard_balance)
+            area = None
+            if self.balance_area == "labeled" and probs_labeled is not None:  # just updated: no empty average
+                lesion = self.alignment.labeled_stats[0].clamp(1e-3, 1 - 1e-3)  # labeled mean lesion area
+                area = torch.stack([1 - lesion, lesion])
+            out["cons"] = class_balanced_consistency(logits_weak, logits_strong, hard=self.hard_balance, area=area)
             total = total + out["cons"]
         if self.use_alignment:
-            if probs_labeled is not None:
-                self.alignment.update_labeled(probs_labeled)
             out["align"] = self.alignment(F.softmax(logits_weak.float(), dim=1))
             total = total + self.gamma2 * out["align"]
         if self.use_contrast:

@@ -72,6 +72,8 @@ class SemiKDModule(SegmentationModule):
         dss_momentum: momentum of the moving average of labeled statistics.
         contrast_min_area: the contrast term leaves out unlabeled images whose predicted lesion covers less
             than this fraction of the image (0: every image with a soft foreground; see ``contrast_loss``).
+        dss_balance_area: the class areas the consistency term balances by: ``batch`` (the unlabeled batch's
+            own predicted areas, method.md) or ``labeled`` (the mean predicted lesion area of labeled images).
     """
 
     method_name = "semikd"
@@ -122,6 +124,7 @@ class SemiKDModule(SegmentationModule):
         use_contrast: bool = True,
         dss_momentum: float = 0.99,
         contrast_min_area: float = 0.0,
+        dss_balance_area: Literal["batch", "labeled"] = "batch",
     ) -> None:
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
@@ -142,7 +145,8 @@ class SemiKDModule(SegmentationModule):
         )
         self.dss = (
             DSSLoss(gamma2, gamma3, use_consistency=use_consistency, use_alignment=use_alignment,
-                    use_contrast=use_contrast, momentum=dss_momentum, contrast_min_area=contrast_min_area)
+                    use_contrast=use_contrast, momentum=dss_momentum, contrast_min_area=contrast_min_area,
+                    balance_area=dss_balance_area)
             if use_dss else None
         )
         # Kept out of the module tree on purpose: the teacher is frozen and never saved with the student.
