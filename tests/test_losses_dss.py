@@ -184,6 +184,29 @@ def test_contrast_min_area_leaves_out_images_without_a_confident_lesion():
         DSSLoss(contrast_min_area=1.5)
 
 
+def test_softplus_contrast_is_bounded_and_stops_pushing_separated_features():
+    """log(1 + 1/r) = -log r + log(1 + r): >= 0, the log form plus a term that vanishes for overlapping
+    features, and its gradient on features that already separate well is a small fraction of the log form's
+    (which pushes as hard at any separation)."""
+    overlapping, probs = two_region_features(0.0)
+    one, probs1 = overlapping[:1], probs[:1]  # one image: the identity holds per image, not for the mean
+    log_form = contrast_loss(one, probs1)
+    torch.testing.assert_close(contrast_loss(one, probs1, form="softplus"), log_form + torch.log1p(torch.exp(-log_form)))
+
+    def grad_norm(form: str) -> tuple[torch.Tensor, float]:
+        feats, probs = two_region_features(6.0)
+        feats.requires_grad_(True)
+        loss = contrast_loss(feats, probs, form=form)
+        loss.backward()
+        return loss.detach(), feats.grad.norm().item()
+
+    (log_val, log_grad), (sp_val, sp_grad) = grad_norm("log"), grad_norm("softplus")
+    assert log_val < 0 <= sp_val  # the log form keeps rewarding more separation, the softplus one saturates
+    assert 0 < sp_grad < 0.2 * log_grad
+    with pytest.raises(ValueError, match="contrast_form"):
+        DSSLoss(contrast_form="square")
+
+
 # --- DSSLoss ---------------------------------------------------------------------------------------
 
 

@@ -128,7 +128,8 @@ def _resize_weights(w: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def contrast_loss(
-    features: torch.Tensor, probs: torch.Tensor, eps: float = 1e-6, min_mass: float = 1.0, min_area: float = 0.0
+    features: torch.Tensor, probs: torch.Tensor, eps: float = 1e-6, min_mass: float = 1.0, min_area: float = 0.0,
+    form: str = "log",
 ) -> torch.Tensor:
     """Foreground/background feature contrast, per image, averaged over images.
 
@@ -138,7 +139,9 @@ def contrast_loss(
         mu_f = sum_x w_f(x) f(x) / sum_x w_f(x)                                (C,)
         s_f  = (1/C) sum_c [ sum_x w_f(x) (f_c(x) - mu_f,c)^2 / sum_x w_f(x) ]  (mean per-channel variance)
         (mu_b, s_b likewise with w_b)
-        L_b  = -log( ||mu_f - mu_b||^2 / (s_f + s_b + eps) + eps )
+        r_b  = ||mu_f - mu_b||^2 / (s_f + s_b + eps)
+        L_b  = -log(r_b + eps)                       (``form="log"``, method.md)
+        L_b  = log(1 + 1 / (r_b + eps)) = softplus(-log(r_b + eps))   (``form="softplus"``)
 
     Per image rather than over the batch: a lesion has to stand out from its own surroundings, and
     backgrounds differ between images. Images with soft foreground or background mass below
@@ -146,9 +149,13 @@ def contrast_loss(
     ``min_area`` of the image, are left out; the result is the mean over the rest (0 if none). With
     ``min_area`` > 0 an image without a confident lesion (a lesion-free image, as BUSI's "normal" class)
     does not make the features separate a lesion that is not there.
-    The ratio is invariant to the scale of f, so features cannot lower the loss by growing. The loss is
-    unbounded below (well-separated features give negative values), and near zero separation its
-    gradient is of order 1/sqrt(eps (s_f + s_b)): keep its weight small early in training.
+    The ratio is invariant to the scale of f, so features cannot lower the loss by growing. The ``log``
+    form is unbounded below (well-separated features give negative values) and pushes with the same force
+    (d L / d log r = -1) however well the features already separate, along whatever mask the student
+    predicts, right or wrong; on BUSI that self-confirmation pulled the validation Dice down (README,
+    "BUSI"). The ``softplus`` form equals it for poorly separated features (r << 1) but is >= 0 and its push
+    fades once they separate (d L / d log r = -1 / (1 + r): 0.09 at r = 10). Near zero separation the
+    gradient of either is of order 1/sqrt(eps (s_f + s_b)): keep the weight small early in training.
 
     Returns:
         scalar (float32); lower for better separated features.
@@ -168,7 +175,12 @@ def contrast_loss(
     mu_f, s_f, m_f = moments(w[:, 1])
     mu_b, s_b, m_b = moments(w[:, 0])
     ratio = (mu_f - mu_b).pow(2).sum(1) / (s_f + s_b + eps)
-    per_image = -torch.log(ratio + eps)
+    if form == "log":
+        per_image = -torch.log(ratio + eps)
+    elif form == "softplus":
+        per_image = F.softplus(-torch.log(ratio + eps))
+    else:
+        raise ValueError(f"contrast form {form!r}: 'log' or 'softplus'")
     area = (probs.detach()[:, 1] > 0.5).float().mean(dim=(1, 2))  # hard lesion fraction, at the probs' size
     valid = ((m_f >= min_mass) & (m_b >= min_mass) & (area >= min_area)).float()
     return (per_image * valid).sum() / valid.sum().clamp_min(1)
@@ -206,8 +218,12 @@ class DSSLoss(nn.Module):
         hard_balance: bool = False,
         contrast_min_area: float = 0.0,
         balance_area: str = "batch",
+        contrast_form: str = "log",
     ) -> None:
         super().__init__()
+        if contrast_form not in ("log", "softplus"):
+            raise ValueError(f"contrast_form={contrast_form!r}: 'log' or 'softplus'")
+        self.contrast_form = contrast_form
         if balance_area not in ("batch", "labeled"):
             raise ValueError(f"balance_area={balance_area!r}: 'batch' or 'labeled'")
         self.balance_area = balance_area
@@ -245,7 +261,7 @@ class DSSLoss(nn.Module):
             if features is None:
                 raise ValueError("DSSLoss: the contrast term needs the student's decoder features")
             probs = F.softmax(logits_weak.float(), dim=1) if contrast_probs is None else contrast_probs
-            out["contrast"] = contrast_loss(features, probs, min_area=self.contrast_min_area)
+            out["contrast"] = contrast_loss(features, probs, min_area=self.contrast_min_area, form=self.contrast_form)
             total = total + self.gamma3 * out["contrast"]
         out["dss"] = total
         return out

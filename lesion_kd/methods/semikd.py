@@ -74,6 +74,9 @@ class SemiKDModule(SegmentationModule):
             than this fraction of the image (0: every image with a soft foreground; see ``contrast_loss``).
         dss_balance_area: the class areas the consistency term balances by: ``batch`` (the unlabeled batch's
             own predicted areas, method.md) or ``labeled`` (the mean predicted lesion area of labeled images).
+        contrast_form: ``log`` (method.md's -log of the separation ratio, unbounded below) or ``softplus``
+            (log(1 + 1/ratio): the same push for poorly separated features, none once they separate; see
+            ``lesion_kd.losses.dss.contrast_loss``).
     """
 
     method_name = "semikd"
@@ -125,6 +128,7 @@ class SemiKDModule(SegmentationModule):
         dss_momentum: float = 0.99,
         contrast_min_area: float = 0.0,
         dss_balance_area: Literal["batch", "labeled"] = "batch",
+        contrast_form: Literal["log", "softplus"] = "log",
     ) -> None:
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
@@ -146,7 +150,7 @@ class SemiKDModule(SegmentationModule):
         self.dss = (
             DSSLoss(gamma2, gamma3, use_consistency=use_consistency, use_alignment=use_alignment,
                     use_contrast=use_contrast, momentum=dss_momentum, contrast_min_area=contrast_min_area,
-                    balance_area=dss_balance_area)
+                    balance_area=dss_balance_area, contrast_form=contrast_form)
             if use_dss else None
         )
         # Kept out of the module tree on purpose: the teacher is frozen and never saved with the student.
