@@ -81,6 +81,21 @@ def test_map_centered_is_the_default_and_can_be_switched_off():
     assert module().pckd.centered is True and module(map_centered=False).pckd.centered is False
 
 
+def test_dss_defaults_are_the_labeled_prior_and_the_bounded_contrast_and_reach_the_loss():
+    """Defaults changed after the BUSI diagnostics (experiments/results/diagnostics/README.md); method.md's
+    literal forms stay one option away, and the chosen form changes the logged contrast value."""
+    default, literal = module(), module(dss_balance_area="batch", contrast_form="log")
+    assert (default.dss.balance_area, default.dss.contrast_form) == ("labeled", "softplus")
+    assert (literal.dss.balance_area, literal.dss.contrast_form) == ("batch", "log")
+    literal.load_state_dict(default.state_dict())
+    torch.manual_seed(0)
+    default.training_step(batch(), 0)
+    torch.manual_seed(0)
+    literal.training_step(batch(), 0)
+    sp, lg = default._last_losses["dss_contrast"], literal._last_losses["dss_contrast"]
+    assert sp >= 0 and sp > lg  # log(1 + 1/r) = -log r + log(1 + r) > -log r
+
+
 def test_full_method_step_runs_under_bf16_autocast_on_cpu():
     # the cpu profile trains in bf16-mixed: every term must have a bf16 CPU path
     m = module()

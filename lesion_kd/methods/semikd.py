@@ -72,10 +72,13 @@ class SemiKDModule(SegmentationModule):
         dss_momentum: momentum of the moving average of labeled statistics.
         contrast_min_area: the contrast term leaves out unlabeled images whose predicted lesion covers less
             than this fraction of the image (0: every image with a soft foreground; see ``contrast_loss``).
-        dss_balance_area: the class areas the consistency term balances by: ``batch`` (the unlabeled batch's
-            own predicted areas, method.md) or ``labeled`` (the mean predicted lesion area of labeled images).
-        contrast_form: ``log`` (method.md's -log of the separation ratio, unbounded below) or ``softplus``
-            (log(1 + 1/ratio): the same push for poorly separated features, none once they separate; see
+        dss_balance_area: the class areas the consistency term balances by: ``labeled`` (default: the moving
+            mean predicted lesion area of labeled images) or ``batch`` (the unlabeled batch's own predicted
+            areas, method.md's literal reading, which weights a lesion-free batch's few spurious lesion pixels
+            tens of times and made BUSI's validation Dice dip: experiments/results/diagnostics/).
+        contrast_form: ``softplus`` (default: log(1 + 1/ratio), the same push for poorly separated features,
+            fading once they separate) or ``log`` (method.md's -log of the separation ratio, unbounded below,
+            which kept pushing features apart along the student's own mask and made BUSI dip; see
             ``lesion_kd.losses.dss.contrast_loss``).
     """
 
@@ -127,8 +130,8 @@ class SemiKDModule(SegmentationModule):
         use_contrast: bool = True,
         dss_momentum: float = 0.99,
         contrast_min_area: float = 0.0,
-        dss_balance_area: Literal["batch", "labeled"] = "batch",
-        contrast_form: Literal["log", "softplus"] = "log",
+        dss_balance_area: Literal["batch", "labeled"] = "labeled",
+        contrast_form: Literal["log", "softplus"] = "softplus",
     ) -> None:
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
