@@ -75,8 +75,8 @@ def test_the_committed_readme_table_is_current():
     assert block == results_table(load_manifest(REPO / "experiments/reproduce/cpu.yaml"))
 
 
-def test_rows_trained_with_the_uncentred_l_map_are_marked(tmp_path):
-    from lesion_kd.reporting.readme import uncentred_map
+def test_rows_trained_with_a_superseded_loss_form_are_marked(tmp_path):
+    from lesion_kd.reporting.readme import superseded_losses
 
     def cell(name, class_path, **init):
         d = tmp_path / name
@@ -85,9 +85,16 @@ def test_rows_trained_with_the_uncentred_l_map_are_marked(tmp_path):
         return d
 
     semikd = "lesion_kd.methods.SemiKDModule"
-    assert uncentred_map(cell("old", semikd, kd_mode="pckd"))  # before map_centered existed
-    assert uncentred_map(cell("map", semikd, kd_mode="map", map_centered=False))
-    assert not uncentred_map(cell("new", semikd, kd_mode="pckd", map_centered=True))
-    assert not uncentred_map(cell("featkd", semikd, kd_mode="featkd"))
-    assert not uncentred_map(cell("sup", "lesion_kd.methods.Supervised"))
-    assert not uncentred_map(tmp_path / "missing")
+    current = {"map_centered": True, "dss_balance_area": "labeled", "contrast_form": "softplus"}
+    # configs from before the options existed: every old form
+    assert superseded_losses(cell("old", semikd, kd_mode="pckd")) == [
+        "uncentred L_map", "batch-balanced consistency", "unbounded contrast"]
+    assert superseded_losses(cell("map", semikd, kd_mode="map", use_dss=False, map_centered=False)) == ["uncentred L_map"]
+    assert superseded_losses(cell("batch", semikd, **{**current, "dss_balance_area": "batch"})) == [
+        "batch-balanced consistency"]
+    assert superseded_losses(cell("log", semikd, **{**current, "contrast_form": "log"})) == ["unbounded contrast"]
+    assert superseded_losses(cell("log-off", semikd, **{**current, "contrast_form": "log", "use_contrast": False})) == []
+    assert superseded_losses(cell("new", semikd, kd_mode="pckd", **current)) == []
+    assert superseded_losses(cell("featkd", semikd, kd_mode="featkd", use_dss=False)) == []
+    assert superseded_losses(cell("sup", "lesion_kd.methods.Supervised")) == []
+    assert superseded_losses(tmp_path / "missing") == []

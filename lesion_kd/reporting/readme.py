@@ -48,23 +48,33 @@ def _network(network: str, efficiency: dict) -> str:
     return label
 
 
-UNCENTRED_NOTE = ("† trained with method.md's uncentred L_map, which collapses the student's deepest feature to one "
-                  "direction (`lesion_kd/losses/pckd.py`, `benchmarks/feature_collapse.py`); the default is now the "
-                  "centred L_map (`model.map_centered`), and these rows are being rerun with it.")
+SUPERSEDED_NOTE = ("† trained with a loss form since replaced as the default: method.md's uncentred L_map (collapses "
+                   "the student's deepest feature to one direction: `benchmarks/feature_collapse.py`), or its L_dss "
+                   "balanced by the unlabeled batch's own areas / with the unbounded -log contrast (both made BUSI dip: "
+                   "`experiments/results/diagnostics/`); rerun such a cell with the current defaults to replace it.")
 
 
-def uncentred_map(run_dir: Path) -> bool:
-    """Whether a finished cell's resolved config trained SemiKD with an L_map that was not centred (configs
-    from before ``map_centered`` existed have no such key)."""
+def superseded_losses(run_dir: Path) -> list[str]:
+    """The superseded SemiKD loss forms a finished cell's resolved config trained with (empty: none). Configs
+    written before an option existed lack its key and had its old behaviour."""
     import yaml
 
     cfg = run_dir / "config.yaml"
     if not cfg.is_file():
-        return False
+        return []
     model = (yaml.safe_load(cfg.read_text()) or {}).get("model") or {}
     init = model.get("init_args") or {}
-    return (str(model.get("class_path", "")).endswith("SemiKDModule") and init.get("kd_mode", "pckd") in ("pckd", "map")
-            and not init.get("map_centered", False))
+    if not str(model.get("class_path", "")).endswith("SemiKDModule"):
+        return []
+    found = []
+    if init.get("kd_mode", "pckd") in ("pckd", "map") and not init.get("map_centered", False):
+        found.append("uncentred L_map")
+    if init.get("use_dss", True):
+        if init.get("use_consistency", True) and init.get("dss_balance_area", "batch") == "batch":
+            found.append("batch-balanced consistency")
+        if init.get("use_contrast", True) and init.get("contrast_form", "log") == "log":
+            found.append("unbounded contrast")
+    return found
 
 
 def fit_command(m: Manifest, cell: Cell, seeds: list[int]) -> str:
@@ -97,13 +107,13 @@ def results_table(m: Manifest) -> str:
         timings = [json.loads(t.read_text()) for c in cells if (t := cell_dir(m, c) / "timing.json").is_file()]
         whole = [t["wall_s"] for t in timings if not t.get("resumed")]  # a resumed run's wall is only its last part
         wall = f"{sum(whole) / len(whole) / 60:.0f} min" if whole else ("resumed" if timings else "")
-        dagger = "†" if any(uncentred_map(cell_dir(m, c)) for c in cells) else ""
+        dagger = "†" if any(superseded_losses(cell_dir(m, c)) for c in cells) else ""
         marked |= bool(dagger)
         lines.append(
             f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {METHOD_NAMES.get(r['method'], r['method'])}{dagger} | "
             f"{_network(r['network'], efficiency)} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'hd95', 1)} | "
             f"{_fmt(r, 'asd', 1)} | {r['seeds']} | {wall} | {fit_command(m, cells[0], sorted(c.seed for c in cells))} |")
-    return "\n".join(lines + (["", UNCENTRED_NOTE] if marked else [])) + "\n"
+    return "\n".join(lines + (["", SUPERSEDED_NOTE] if marked else [])) + "\n"
 
 
 def splice(readme: Path, table: str) -> bool:
