@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 __all__ = ["DSSLoss", "DistributionAlignment", "class_balanced_consistency", "contrast_loss"]
 
+CONTRAST_FORMS = ("log", "softplus")  # contrast_loss(form=...): method.md's -log r, or log(1 + 1/r)
+
 
 def class_balanced_consistency(
     logits_weak: torch.Tensor, logits_strong: torch.Tensor, eps: float = 1e-6, hard: bool = False,
@@ -180,7 +182,7 @@ def contrast_loss(
     elif form == "softplus":
         per_image = F.softplus(-torch.log(ratio + eps))
     else:
-        raise ValueError(f"contrast form {form!r}: 'log' or 'softplus'")
+        raise ValueError(f"contrast form {form!r}: one of {CONTRAST_FORMS}")
     area = (probs.detach()[:, 1] > 0.5).float().mean(dim=(1, 2))  # hard lesion fraction, at the probs' size
     valid = ((m_f >= min_mass) & (m_b >= min_mass) & (area >= min_area)).float()
     return (per_image * valid).sum() / valid.sum().clamp_min(1)
@@ -221,8 +223,8 @@ class DSSLoss(nn.Module):
         contrast_form: str = "log",
     ) -> None:
         super().__init__()
-        if contrast_form not in ("log", "softplus"):
-            raise ValueError(f"contrast_form={contrast_form!r}: 'log' or 'softplus'")
+        if contrast_form not in CONTRAST_FORMS:  # at construction, before any training step
+            raise ValueError(f"contrast_form={contrast_form!r}: one of {CONTRAST_FORMS}")
         self.contrast_form = contrast_form
         if balance_area not in ("batch", "labeled"):
             raise ValueError(f"balance_area={balance_area!r}: 'batch' or 'labeled'")
