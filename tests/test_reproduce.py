@@ -237,3 +237,39 @@ def test_gpu_only_cells_wait_for_a_gpu_and_run_on_it(tmp_path, monkeypatch, caps
     with pytest.raises(ManifestError, match=r"unknown keys \['gpus'\]"):
         load_manifest(manifest(tmp_path, table={"groups": [{"labels": [0.1], "methods": [
             {"method": "supervised", "gpus": 1}]}]}))
+
+
+def test_time_left_comes_from_finished_runs_then_the_manifests_projection(tmp_path):
+    """The time the unfinished cells will take: a method's finished, whole runs give it (median); a resumed
+    run's wall (only its last part) does not; methods with no timed run use ``projected_minutes``; the rest are
+    named as not timed, never guessed."""
+    import json
+
+    from lesion_kd.reporting import reproduce
+
+    groups = [{"labels": [0.1, 0.2], "seeds": [0, 1], "methods": ["supervised", "mean_teacher", "cps"]}]
+    m = load_manifest(manifest(tmp_path, table={"groups": groups}, ablation={}, projected_minutes={"mean_teacher": 30}))
+
+    def finish(cell, wall_s, resumed=False):
+        d = reproduce.cell_dir(m, cell)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"dice": {"mean": 0.5}}))
+        (d / "timing.json").write_text(json.dumps({"wall_s": wall_s, **({"resumed": True} if resumed else {})}))
+
+    sup = [c for c in m.cells if c.method == "supervised"]
+    mt = [c for c in m.cells if c.method == "mean_teacher"]
+    finish(sup[0], 600)
+    finish(sup[1], 1800)
+    finish(sup[2], 60, resumed=True)  # the last 1 min of an interrupted run: not a run's length
+    finish(mt[0], 30, resumed=True)  # so Mean Teacher keeps the manifest's projection
+    todo = [c for c in m.cells if not reproduce.is_finished(m, c)]
+    assert len(todo) == 1 + 3 + 4
+    text = reproduce.projection(m, todo, slots=2)
+    # 1 supervised cell at the median 1200 s + 3 Mean Teacher cells at 30 min = 6600 s = 1.83 h; 2 at a time
+    assert "about 1.8 h of runs (1 timed by their method's finished runs + 3 by the manifest's projected_minutes)" in text
+    assert "0.9 h with 2 at a time" in text
+    assert "not timed: cps-unet (4 cells)" in text
+    with pytest.raises(ManifestError, match="projected_minutes: 'nope' is no method"):
+        load_manifest(manifest(tmp_path, projected_minutes={"nope": 3}))
+    with pytest.raises(ManifestError, match="projected_minutes: 'supervised' must be a positive number"):
+        load_manifest(manifest(tmp_path, projected_minutes={"supervised": -1}))

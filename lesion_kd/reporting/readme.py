@@ -17,7 +17,16 @@ import sys
 from pathlib import Path
 
 from ..data.io import atomic_write_bytes
-from .reproduce import Cell, Manifest, ManifestError, cell_args, cell_dir, load_manifest, manifest_path
+from .reproduce import (
+    Cell,
+    Manifest,
+    ManifestError,
+    cell_args,
+    cell_dir,
+    load_manifest,
+    manifest_path,
+    read_timing,
+)
 from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
 
@@ -104,7 +113,7 @@ def results_table(m: Manifest) -> str:
     for r in agg:
         cells = [c for c in by_group[(r["dataset"], r["labels"], r["method"], r["network"])]
                  if (c.dataset, c.labels, c.method, c.network, c.seed) in finished]
-        timings = [json.loads(t.read_text()) for c in cells if (t := cell_dir(m, c) / "timing.json").is_file()]
+        timings = [t for c in cells if (t := read_timing(m, c))]
         whole = [t["wall_s"] for t in timings if not t.get("resumed")]  # a resumed run's wall is only its last part
         wall = f"{sum(whole) / len(whole) / 60:.0f} min" if whole else ("resumed" if timings else "")
         dagger = "†" if any(superseded_losses(cell_dir(m, c)) for c in cells) else ""

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data.io import atomic_write_bytes
 from . import efficiency
-from .reproduce import REPO, Cell, Manifest, cell_dir, is_finished
+from .reproduce import REPO, Cell, Manifest, cell_dir, is_finished, read_timing
 from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
 
@@ -99,9 +99,7 @@ def _wall_clock(m: Manifest, cells: list[Cell]) -> tuple[float, set[str], int]:
     covers only the invocation that finished them)."""
     total, machines, resumed = 0.0, set(), 0
     for c in cells:
-        t = cell_dir(m, c) / "timing.json"
-        if t.is_file():
-            doc = json.loads(t.read_text())
+        if doc := read_timing(m, c):
             total += doc["wall_s"]
             resumed += bool(doc.get("resumed"))
             machines.add(f"{doc['machine']['cpu']}" + (f" + {doc['machine']['gpu']}" if "gpu" in doc["machine"] else ""))

@@ -19,6 +19,7 @@ import argparse
 import inspect
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -70,6 +71,9 @@ class Manifest:
     efficiency: dict
     fit_args: list[str] = field(default_factory=list)
     budget: str = ""
+    # minutes one run of a method (or of "method-network") is projected to take, for the cells of methods with
+    # no finished run to time yet (e.g. from benchmarks/bench_cells.py); the measured walls take precedence
+    projected_minutes: dict[str, float] = field(default_factory=dict)
 
 
 def _default_network(method_config: Path) -> str:
@@ -121,7 +125,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         return p
 
     unknown = set(doc) - {"profile", "results", "runs", "out", "datasets", "seeds", "table", "ablation",
-                          "efficiency", "fit_args", "budget"}
+                          "efficiency", "fit_args", "budget", "projected_minutes"}
     if unknown:
         raise ManifestError(f"{path}: unknown keys {sorted(unknown)}")
     profile = need("profile", str)
@@ -172,6 +176,15 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     ablation = doc.get("ablation") or {}
     for row in ablation.get("rows", []):
         add("ablation", ablation["dataset"], ablation["labels"], row, seed_list("ablation", ablation.get("seeds"), seeds))
+    projected = doc.get("projected_minutes") or {}
+    if not isinstance(projected, dict):
+        raise ManifestError(f"{path}: 'projected_minutes' must map a method (or method-network) to minutes, got {projected!r}")
+    names = {c.method for c in cells} | {f"{c.method}-{c.network}" for c in cells}
+    for k, v in projected.items():
+        if k not in names:
+            raise ManifestError(f"{path}: projected_minutes: {k!r} is no method (or method-network) of the grid")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ManifestError(f"{path}: projected_minutes: {k!r} must be a positive number of minutes, got {v!r}")
     unique: dict[str, Cell] = {}
     for c in cells:  # the full method is both a table row and an ablation row: one run
         unique.setdefault(c.key, c)
@@ -179,7 +192,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
                     runs=_resolve(doc.get("runs", f"runs/reproduce/{path.stem}/runs")),
                     out=_resolve(doc.get("out", f"runs/reproduce/{path.stem}/report")), cells=list(unique.values()),
                     ablation=ablation, efficiency=doc.get("efficiency") or {}, fit_args=[str(a) for a in doc.get("fit_args", [])],
-                    budget=str(doc.get("budget", "")))
+                    budget=str(doc.get("budget", "")), projected_minutes={k: float(v) for k, v in projected.items()})
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
@@ -214,6 +227,42 @@ def is_finished(m: Manifest, cell: Cell) -> bool:
     return (cell_dir(m, cell) / "metrics.json").is_file()
 
 
+def read_timing(m: Manifest, cell: Cell) -> dict | None:
+    """The cell's ``timing.json`` (written by :func:`_write_timing`), or None when it has none."""
+    t = cell_dir(m, cell) / "timing.json"
+    return json.loads(t.read_text()) if t.is_file() else None
+
+
+def projection(m: Manifest, todo: list[Cell], slots: int) -> str:
+    """How long the unfinished cells will take: the median wall-clock of the finished cells of the same method
+    and network (over datasets, label fractions and seeds; a resumed run's wall covers only its last part, so
+    it is left out), else the manifest's ``projected_minutes``; cells with neither are named, not guessed."""
+    walls: dict[tuple[str, str], list[float]] = {}
+    for c in m.cells:
+        if is_finished(m, c) and (t := read_timing(m, c)) and not t.get("resumed"):
+            walls.setdefault((c.method, c.network), []).append(t["wall_s"])
+    measured, projected, unknown = [], [], {}
+    for c in todo:
+        if (c.method, c.network) in walls:
+            measured.append(statistics.median(walls[(c.method, c.network)]))
+        elif (minutes := m.projected_minutes.get(f"{c.method}-{c.network}", m.projected_minutes.get(c.method))):
+            projected.append(60 * minutes)
+        else:
+            k = f"{c.method}-{c.network}" + (" on a GPU" if c.requires == "gpu" else "")
+            unknown[k] = unknown.get(k, 0) + 1
+    parts = []
+    if measured or projected:
+        total = sum(measured) + sum(projected)
+        how = " + ".join(s for s, n in ((f"{len(measured)} timed by their method's finished runs", measured),
+                                         (f"{len(projected)} by the manifest's projected_minutes", projected)) if n)
+        resuming = any(any((m.runs / c.dataset / c.name).glob("**/last.ckpt")) for c in todo)
+        parts.append(f"about {total / 3600:.1f} h of runs ({how}), {total / slots / 3600:.1f} h with {slots} at a time"
+                     + ("; less for the cells resuming from a checkpoint" if resuming else ""))
+    if unknown:
+        parts.append("not timed: " + ", ".join(f"{k} ({n} cell{'s' if n > 1 else ''})" for k, n in unknown.items()))
+    return "; ".join(parts)
+
+
 def cell_args(m: Manifest, cell: Cell) -> list[str]:
     """What defines a cell's training, as ``lesion-kd fit`` arguments: data, method and profile configs, the
     label fraction and, when the manifest overrides it, the network (the seed is the caller's)."""
@@ -242,6 +291,8 @@ def run_cells(m: Manifest, cells: list[Cell], gpus: list[str], jobs: int) -> lis
     todo = [c for c in todo if c not in need_gpu]
     print(f"reproduce-table: {len(cells)} cells, {done} finished, {len(todo)} to run "
           f"({m.path.relative_to(REPO) if m.path.is_relative_to(REPO) else m.path})", flush=True)
+    if todo and (text := projection(m, todo, len(gpus) or max(1, jobs))):
+        print(f"reproduce-table: {text}", flush=True)
     if need_gpu:
         print(f"reproduce-table: {len(need_gpu)} cell(s) need a GPU and are left for a run with --gpus: "
               + ", ".join(c.key for c in need_gpu), flush=True)
@@ -333,6 +384,9 @@ def main(argv: list[str]) -> int:
         for c in cells:
             state = "finished" if is_finished(m, c) else "to run" + (" on a GPU (--gpus)" if c.requires == "gpu" else "")
             print(f"{c.key} [{c.part}] ({state}):\n  {' '.join(fit_command(m, c, '0' if c.requires == 'gpu' else None))}")
+        todo = [c for c in cells if not is_finished(m, c)]
+        print(f"dry run: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run"
+              + (f"; {projection(m, todo, len(args.gpus.split(',')) if args.gpus else max(1, args.jobs))}" if todo else ""))
         return 0
     t0 = time.monotonic()
     failures = [] if args.report_only else run_cells(m, cells, [g for g in args.gpus.split(",") if g], args.jobs)
