@@ -127,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # we always hand LightningCLI the (expanded) arguments; its warning about sys.argv also being set is moot
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # a mid-epoch resume is exact here without a resumable data loader: the training samplers place every stream
+    # from the trainer's batch count (lesion_kd/data/sampling.py; tests/test_resume.py), so Lightning's warning
+    # that it "can cause unreliable results" does not apply
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    # Lightning's own call of a torch API that torch 2.14 deprecates: nothing a user can act on
+    warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated")
     return run_lightning(expand_configs(argv))
 
 
