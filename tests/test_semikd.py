@@ -165,8 +165,13 @@ def test_semikd_smoke_fit_and_test_through_the_cli(tmp_path, data_dir):
     run = run_dir_of(tmp_path / "fit")
     header = (run / "metrics.csv").read_text().splitlines()[0]
     for term in ("train/sup", "train/pckd", "train/kd_map", "train/kd_resp", "train/dss", "train/dss_cons",
-                 "train/dss_align", "train/dss_contrast", "train/ramp"):
+                 "train/dss_align", "train/dss_contrast", "train/ramp", "train/area_unlabeled", "train/area_labeled"):
         assert term in header
+    import csv
+
+    areas = [float(r[k]) for r in csv.DictReader((run / "metrics.csv").open())
+             for k in ("train/area_unlabeled", "train/area_labeled") if r.get(k)]
+    assert areas and all(0.0 <= a <= 1.0 for a in areas)
     assert "metrics written to" in out.stdout
     ckpt = next((run / "checkpoints").glob("best-*.ckpt"))
     out = lesion_kd("test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt),

@@ -238,6 +238,10 @@ class SemiKDModule(SegmentationModule):
             losses.update({f"dss_{k}": v for k, v in terms.items() if k != "dss"})
             losses["dss"] = terms["dss"]
             total = total + hp.lambda_dss * ramp * terms["dss"]
+            # predicted lesion area (soft) of the unlabeled weak views against the labeled ones: self-training's
+            # usual failure, the lesion class spreading over the background, shows as the first outgrowing the second
+            self.log("train/area_unlabeled", torch.softmax(logits_uw.detach().float(), 1)[:, 1].mean(), batch_size=n_lab)
+            self.log("train/area_labeled", probs_l[:, 1].mean(), batch_size=n_lab)
 
         losses["loss"] = total
         self.log("train/ramp", ramp, batch_size=n_lab)
