@@ -7,12 +7,22 @@ largest weight that L_dss's class-balanced consistency (``lesion_kd.losses.dss``
 give one pixel of that batch. Used for the BUSI failure of SemiKD (README, "Results so far"):
 
     python benchmarks/predicted_area.py runs/reproduce/cpu/busi/*-mamba_unet-10pct-seed0/lightning_logs/version_0/checkpoints/best*.ckpt
+
+With ``--test-of METRICS_JSON`` (a finished cell's ``metrics.json``) it takes the first N images of that
+cell's test set instead, with their masks, and prints the predicted lesion area (pixels with probability
+> 0.5) against the ground truth's, and the false-positive and false-negative shares of the pixels (the
+Kvasir-SEG seed-2 failure of SemiKD: README, "Results so far"):
+
+    python benchmarks/predicted_area.py -n 40 --root ../shared/datasets/Kvasir-SEG \
+        --test-of experiments/results/cpu/kvasir-seg/semikd-mamba_unet-10pct-seed2/metrics.json \
+        runs/reproduce/cpu/kvasir-seg/semikd-mamba_unet-10pct-seed2/lightning_logs/version_0/checkpoints/*.ckpt
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -23,6 +33,24 @@ from PIL import Image
 from lesion_kd.methods.semikd import load_student
 
 
+def _load(path: Path, size: int, rgb: bool) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB" if rgb else "L").resize((size, size)))
+
+
+def test_split_areas(args, root: Path) -> None:
+    ids = list(json.loads(Path(args.test_of).read_text())["per_image"])[: args.n]
+    images = {p.stem: p for p in (root / "images").iterdir()}
+    masks = {p.stem: p for p in (root / "masks").iterdir()}
+    x = torch.stack([torch.from_numpy(_load(images[i], args.size, True)).permute(2, 0, 1).float() / 255 for i in ids])
+    gt = np.stack([_load(masks[i], args.size, False) > 127 for i in ids])
+    print(f"{len(ids)} test images of {args.test_of} at {args.size}x{args.size}: ground-truth lesion area {gt.mean():.4f}")
+    for ck in args.checkpoints:
+        with torch.no_grad():
+            pred = (torch.softmax(load_student(ck).eval()(x).float(), 1)[:, 1] > 0.5).numpy()
+        print(f"{ck}: predicted lesion area {pred.mean():.4f}, false positives {(pred & ~gt).mean():.4f}, "
+              f"false negatives {(~pred & gt).mean():.4f} of the pixels")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+")
@@ -30,8 +58,11 @@ def main() -> None:
     ap.add_argument("--category", action="append", help="normal, benign, malignant (default: all three)")
     ap.add_argument("-n", type=int, default=8, help="images per category")
     ap.add_argument("--size", type=int, default=160)
+    ap.add_argument("--test-of", help="a finished cell's metrics.json: use its test images (with masks) instead")
     args = ap.parse_args()
     root = Path(args.root)
+    if args.test_of:
+        return test_split_areas(args, root)
     meta = list(csv.DictReader(open(root / "metadata.csv")))
     for ck in args.checkpoints:
         net = load_student(ck).eval()
