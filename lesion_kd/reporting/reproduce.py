@@ -253,8 +253,8 @@ def projection(m: Manifest, todo: list[Cell], slots: int) -> str:
     parts = []
     if measured or projected:
         total = sum(measured) + sum(projected)
-        how = " + ".join(s for s, n in ((f"{len(measured)} timed by their method's finished runs", measured),
-                                         (f"{len(projected)} by the manifest's projected_minutes", projected)) if n)
+        how = " + ".join([f"{len(measured)} timed by their method's finished runs"] * bool(measured)
+                         + [f"{len(projected)} by the manifest's projected_minutes"] * bool(projected))
         resuming = any(any((m.runs / c.dataset / c.name).glob("**/last.ckpt")) for c in todo)
         parts.append(f"about {total / 3600:.1f} h of runs ({how}), {total / slots / 3600:.1f} h with {slots} at a time"
                      + ("; less for the cells resuming from a checkpoint" if resuming else ""))
@@ -380,16 +380,17 @@ def main(argv: list[str]) -> int:
         return 2
     if args.out:
         m.out = Path(args.out).resolve()
+    gpus = [g for g in args.gpus.split(",") if g]
     if args.dry_run:
         for c in cells:
             state = "finished" if is_finished(m, c) else "to run" + (" on a GPU (--gpus)" if c.requires == "gpu" else "")
             print(f"{c.key} [{c.part}] ({state}):\n  {' '.join(fit_command(m, c, '0' if c.requires == 'gpu' else None))}")
         todo = [c for c in cells if not is_finished(m, c)]
         print(f"dry run: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run"
-              + (f"; {projection(m, todo, len(args.gpus.split(',')) if args.gpus else max(1, args.jobs))}" if todo else ""))
+              + (f"; {projection(m, todo, len(gpus) or max(1, args.jobs))}" if todo else ""))
         return 0
     t0 = time.monotonic()
-    failures = [] if args.report_only else run_cells(m, cells, [g for g in args.gpus.split(",") if g], args.jobs)
+    failures = [] if args.report_only else run_cells(m, cells, gpus, args.jobs)
     from .report import write_outputs
 
     outputs = write_outputs(m)
