@@ -71,6 +71,7 @@ class LesionCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         sub = self._sub()
+        csv_unless_configured(trainer, sub.get("trainer.logger"))
         extra: list = [CheckpointOnSigterm(), StepSeeding()]
         if trainer.progress_bar_callback is None:  # a log file, not a terminal: a line now and then instead
             extra.append(ProgressLines())
@@ -167,6 +168,16 @@ class LesionCLI(LightningCLI):
 
 
 ALLOW_CHANGED_RESUME = "LESION_KD_RESUME_CHANGED_CONFIG"
+
+
+def csv_unless_configured(trainer, configured) -> None:
+    """Lightning's default logger (``trainer.logger`` left at null/true) is TensorBoard where tensorboard happens
+    to be installed and CSV elsewhere; the suite reads ``metrics.csv`` (the report's curves, sweeps, exact
+    resume), so the default is a CSVLogger wherever the run happens. A logger the config names is kept."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    if configured is None or configured is True:
+        trainer.loggers = [CSVLogger(save_dir=trainer.default_root_dir)]
 
 
 def changed_hparams(ckpt: str | os.PathLike, hparams: dict) -> list[str]:

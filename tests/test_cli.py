@@ -159,3 +159,28 @@ def test_the_command_entry_point_does_not_load_lightning_until_a_lightning_comma
     code = ("import sys; from lesion_kd.cli import main; main(['--help']); "
             "assert 'lightning' not in sys.modules and 'lesion_kd.methods' not in sys.modules, 'loaded'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, timeout=120)
+
+
+def test_the_default_logger_is_csv_even_where_tensorboard_is_installed(tmp_path):
+    # Lightning's own default (logger null/true) is TensorBoard when tensorboard is importable (it is on the lent
+    # GPU machine, not here): the report's curves, sweeps and resume read metrics.csv, so the CLI makes it CSV.
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import CSVLogger, Logger
+
+    from lesion_kd.lightning_cli import csv_unless_configured
+
+    class Other(Logger):  # stands in for TensorBoardLogger, which needs the tensorboard package
+        name, version, log_hyperparams, log_metrics = "other", 0, None, None
+
+    for configured in (None, True):
+        trainer = Trainer(logger=Other(), default_root_dir=tmp_path, enable_checkpointing=False)
+        csv_unless_configured(trainer, configured)
+        (lg,) = trainer.loggers
+        assert type(lg) is CSVLogger and Path(lg.log_dir).parent == tmp_path / "lightning_logs"
+    named = Other()
+    trainer = Trainer(logger=named, default_root_dir=tmp_path, enable_checkpointing=False)
+    csv_unless_configured(trainer, {"class_path": "Other"})  # a logger the config names is kept
+    assert trainer.loggers == [named]
+    trainer = Trainer(logger=False, default_root_dir=tmp_path, enable_checkpointing=False)
+    csv_unless_configured(trainer, False)
+    assert trainer.loggers == []

@@ -54,6 +54,22 @@ def test_rows_show_finished_cells_with_mean_std_wall_and_command(tmp_path):
     assert "unlisted" not in "\n".join(lines)
 
 
+def test_a_cell_trained_on_a_lent_gpu_from_the_carried_data_says_so(tmp_path):
+    m = load_manifest(_manifest(tmp_path))
+    _finish(m.results, "supervised-mamba_unet-10pct-seed0", 0.55, wall=600)
+    _finish(m.results, "mean_teacher-unet-10pct-seed0", 0.58)
+    d = m.results / "kvasir-seg/mean_teacher-unet-10pct-seed0"
+    (d / "timing.json").write_text(json.dumps({"wall_s": 480, "machine": {"gpu": "NVIDIA H100 80GB HBM3"}}))
+    assert "‡" not in results_table(m)  # the GPU's minutes are named, but no carried-data mark yet
+    assert "| 8 min on NVIDIA H100 80GB HBM3 |" in results_table(m)
+    (d / "carried_data.txt").write_text("trained on a lent GPU from .devcarry/data")
+    lines = results_table(m).splitlines()
+    sup, mt = lines[2], lines[3]
+    assert "| 10 min |" in sup and "‡" not in sup
+    assert "| 8 min on NVIDIA H100 80GB HBM3‡ |" in mt
+    assert lines[-1].startswith("‡ trained and tested on a lent GPU") and "carried_data.txt" in lines[-1]
+
+
 def test_splice_replaces_only_the_marked_block_and_names_a_readme_without_markers(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n{BEGIN}\nold table\n{END}\nafter\n")

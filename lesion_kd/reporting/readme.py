@@ -62,6 +62,12 @@ SUPERSEDED_NOTE = ("† trained with a loss form since replaced as the default: 
                    "balanced by the unlabeled batch's own areas / with the unbounded -log contrast (both made BUSI dip: "
                    "`experiments/results/diagnostics/`); rerun such a cell with the current defaults to replace it.")
 
+# written beside a cell's metrics by benchmarks/gpu_session.sh: the cell trained on the carried copy of the data
+CARRIED_DATA = "carried_data.txt"
+CARRIED_NOTE = ("‡ trained and tested on a lent GPU from the copy of the dataset that `benchmarks/gpu_carry.py` "
+                "carries there (images at the model size, 160x160, as JPEG quality 95; masks lossless; LiteMedSAM's "
+                "weights rounded to float16): the cell's `carried_data.txt` says so beside its metrics.")
+
 
 def superseded_losses(run_dir: Path) -> list[str]:
     """The superseded SemiKD loss forms a finished cell's resolved config trained with (empty: none). Configs
@@ -109,20 +115,27 @@ def results_table(m: Manifest) -> str:
     efficiency = json.loads(eff.read_text()) if eff.is_file() else {}
     lines = ["| dataset | labels | method | network (parameters) | Dice % | IoU % | HD95 px | ASD px | seeds | "
              "wall per run | command |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    marked = False
+    marked = carried = False
     for r in agg:
         cells = [c for c in by_group[(r["dataset"], r["labels"], r["method"], r["network"])]
                  if (c.dataset, c.labels, c.method, c.network, c.seed) in finished]
         timings = [t for c in cells if (t := read_timing(m, c))]
         whole = [t["wall_s"] for t in timings if not t.get("resumed")]  # a resumed run's wall is only its last part
         wall = f"{sum(whole) / len(whole) / 60:.0f} min" if whole else ("resumed" if timings else "")
+        gpus = sorted({g for t in timings if (g := (t.get("machine") or {}).get("gpu"))})
+        if gpus and wall:  # trained on a lent GPU: its minutes are not the two-core machine's
+            wall += " on " + ", ".join(gpus)
+        if any((cell_dir(m, c) / CARRIED_DATA).is_file() for c in cells):
+            wall += "‡"
+            carried = True
         dagger = "†" if any(superseded_losses(cell_dir(m, c)) for c in cells) else ""
         marked |= bool(dagger)
         lines.append(
             f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {METHOD_NAMES.get(r['method'], r['method'])}{dagger} | "
             f"{_network(r['network'], efficiency)} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'hd95', 1)} | "
             f"{_fmt(r, 'asd', 1)} | {r['seeds']} | {wall} | {fit_command(m, cells[0], sorted(c.seed for c in cells))} |")
-    return "\n".join(lines + (["", SUPERSEDED_NOTE] if marked else [])) + "\n"
+    notes = ([SUPERSEDED_NOTE] if marked else []) + ([CARRIED_NOTE] if carried else [])
+    return "\n".join(lines + [x for n in notes for x in ("", n)]) + "\n"
 
 
 def splice(readme: Path, table: str) -> bool:
