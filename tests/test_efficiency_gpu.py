@@ -19,10 +19,11 @@ GPU_DOC = {"machine": {"cpu": "EPYC", "gpu": "NVIDIA H200", "torch": "2.11.0+cu1
 def test_gpu_columns_come_from_the_gpu_machines_file_when_this_machine_has_none(tmp_path):
     assert efficiency.load_gpu(tmp_path) is None
     plain = efficiency.markdown(CPU_DOC, efficiency.load_gpu(tmp_path))
-    assert "no GPU on this machine, so no GPU columns" in plain and "GPU latency" not in plain
+    assert "No GPU on this machine, so no GPU columns" in plain and "GPU latency" not in plain
     (tmp_path / "efficiency_gpu.json").write_text(json.dumps(GPU_DOC))
     md = efficiency.markdown(CPU_DOC, efficiency.load_gpu(tmp_path))
-    assert "GPU columns on another machine: NVIDIA H200 (torch 2.11.0+cu130" in md
+    assert "GPU columns measured on another machine: NVIDIA H200 (torch 2.11.0+cu130, latency at batch 1" in md
+    assert "Xeon (2 cores, 2 torch threads), torch 2.14.1: latency" in md  # each machine's torch beside it
     lines = md.splitlines()
     assert lines[2].endswith("GPU latency (ms) | GPU throughput (img/s) |") and lines[3].count("|---") == 8
     assert lines[4].endswith("| 120.0 | 9.0 | 3.25 | 900.5 |")
@@ -33,4 +34,4 @@ def test_this_machines_gpu_wins_over_the_file():
     own = {**CPU_DOC, "machine": {**CPU_DOC["machine"], "gpu": "NVIDIA A100"},
            "rows": [{**r, "cuda_latency_ms": 1.0, "cuda_throughput": 2.0} for r in CPU_DOC["rows"]]}
     md = efficiency.markdown(own, GPU_DOC)
-    assert " and NVIDIA A100" in md and "H200" not in md and md.splitlines()[5].endswith("| 1.00 | 2.0 |")
+    assert " GPU columns on its NVIDIA A100." in md and "H200" not in md and md.splitlines()[5].endswith("| 1.00 | 2.0 |")

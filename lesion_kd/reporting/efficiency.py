@@ -123,21 +123,21 @@ def markdown(doc: dict, gpu_doc: dict | None = None) -> str:
     another machine, named in the caption), else none."""
     m = doc["machine"]
     if "gpu" in m:
-        gpu_rows, gpu_note = {r["model"]: r for r in doc["rows"]}, f" and {m['gpu']}"
+        gpu_rows, gpu_note = {r["model"]: r for r in doc["rows"]}, f" GPU columns on its {m['gpu']}."
     elif gpu_doc is not None:
         g = gpu_doc["machine"]
         gpu_rows = {r["model"]: r for r in gpu_doc["rows"]}
-        gpu_note = (f"; GPU columns on another machine: {g['gpu']} (torch {g['torch']}, same sizes and batches,"
-                    f" median of {gpu_doc['repeats']} calls)")
+        gpu_note = (f" GPU columns measured on another machine: {g['gpu']} (torch {g['torch']}, latency at batch 1,"
+                    f" throughput at batch {gpu_doc['batch']}, median of {gpu_doc['repeats']} calls).")
     else:
-        gpu_rows, gpu_note = {}, "; no GPU on this machine, so no GPU columns"
+        gpu_rows, gpu_note = {}, " No GPU on this machine, so no GPU columns."
     gpu = bool(gpu_rows)
     head = ("| model | input | params (M) | GFLOPs / image | CPU latency (ms, batch 1) | CPU throughput (img/s) |"
             + (" GPU latency (ms) | GPU throughput (img/s) |" if gpu else ""))
-    lines = [f"Measured on {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch threads)"
-             + gpu_note + f", torch {m['torch']}; "
-             f"throughput at batch {doc['batch']} (teacher: batch {max(1, doc['batch'] // 4)}), median of "
-             f"{doc['repeats']} calls.", "", head, "|---" * (6 + 2 * gpu) + "|"]
+    lines = [f"Measured on {m['cpu']} ({m['cpu_cores']} cores, {m['torch_threads']} torch thread{'s' * (m['torch_threads'] != 1)}), torch "
+             f"{m['torch']}: latency at batch 1, throughput at batch {doc['batch']} (teacher: batch "
+             f"{max(1, doc['batch'] // 4)}), median of {doc['repeats']} calls." + gpu_note,
+             "", head, "|---" * (6 + 2 * gpu) + "|"]
     for r in doc["rows"]:
         line = (f"| {r['model']} | {r['input']} | {r['params_m']:.3f} | {r['gflops']:.2f} | "
                 f"{r['cpu_latency_ms']:.1f} | {r['cpu_throughput']:.1f} |")
