@@ -273,3 +273,38 @@ def test_time_left_comes_from_finished_runs_then_the_manifests_projection(tmp_pa
         load_manifest(manifest(tmp_path, projected_minutes={"nope": 3}))
     with pytest.raises(ManifestError, match="projected_minutes: 'supervised' must be a positive number"):
         load_manifest(manifest(tmp_path, projected_minutes={"supervised": -1}))
+
+
+def test_training_curves_average_seeds_and_give_the_ablation_its_own_panel(tmp_path):
+    """The report's curves: one line per method and network with its seeds together (mean, range shaded), the
+    SemiKD ablation variants in a panel of their own with the full method, cells without a log left out."""
+    import json
+
+    from lesion_kd.reporting import report, reproduce
+
+    groups = [{"labels": [0.1], "seeds": [0, 1], "methods": ["supervised", "semikd"]}]
+    ablation = {"dataset": "kvasir-seg", "labels": 0.1, "rows": ["semikd_sup", "semikd_dss", "semikd"]}
+    m = load_manifest(manifest(tmp_path, table={"groups": groups}, ablation=ablation))
+
+    def finish(cell, dice_by_step):
+        d = reproduce.cell_dir(m, cell)
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"dice": {"mean": 0.5}}))
+        if dice_by_step:
+            rows = ["epoch,step,train/loss,val/dice", "0,10,0.5,"] + [f"0,{s},,{v}" for s, v in dice_by_step.items()]
+            (d / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+    by = {(c.method, c.seed): c for c in m.cells}
+    finish(by["semikd", 0], {249: 0.4, 499: 0.6})
+    finish(by["semikd", 1], {249: 0.2, 499: 0.5})
+    finish(by["supervised", 0], {249: 0.3, 499: 0.35})
+    finish(by["supervised", 1], {})  # finished, but no log: not a curve
+    finish(by["semikd_dss", 0], {249: 0.45, 499: 0.55})
+    panels = report.curve_panels(m, list(m.cells))
+    assert list(panels) == ["kvasir-seg, 10% labels", "kvasir-seg, 10% labels: SemiKD ablation"]
+    main, abl = panels.values()
+    assert set(main) == {"supervised (unet)", "semikd (mamba_unet)"} and len(main["supervised (unet)"]) == 1
+    assert main["semikd (mamba_unet)"] == [[(249, 0.4), (499, 0.6)], [(249, 0.2), (499, 0.5)]]
+    assert set(abl) == {"semikd_dss (mamba_unet)", "semikd (mamba_unet)"}  # semikd_sup has no finished cell
+    png = report.curves_figure(m, list(m.cells))
+    assert png is not None and png.startswith(b"\x89PNG")

@@ -165,33 +165,68 @@ def dice_figure(agg: list[dict]) -> bytes | None:
     return _png(fig)
 
 
-def curves_figure(m: Manifest, cells: list[Cell]) -> bytes | None:
-    """Validation Dice against training step, one line per finished cell (from its metrics.csv)."""
-    series = []
-    for c in cells:
-        path = cell_dir(m, c) / "metrics.csv"
-        if not path.is_file() and is_finished(m, c):  # published before results carried the log: its run's
-            run = _run_dir(m, c)
-            path = run / "metrics.csv" if run else path
-        if not path.is_file():
+def val_dice_series(m: Manifest, c: Cell) -> list[tuple[int, float]]:
+    """(step, validation Dice) of a finished cell, from its metrics.csv (empty: none logged)."""
+    path = cell_dir(m, c) / "metrics.csv"
+    if not path.is_file() and is_finished(m, c):  # published before results carried the log: its run's
+        run = _run_dir(m, c)
+        path = run / "metrics.csv" if run else path
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return sorted({int(float(r["step"])): float(r["val/dice"]) for r in csv.DictReader(fh)
+                       if r.get("val/dice")}.items())
+
+
+def curve_panels(m: Manifest, cells: list[Cell]) -> dict[str, dict[str, list[list[tuple[int, float]]]]]:
+    """Panel title -> line label -> the validation curves of its seeds. One panel per (dataset, labels); the
+    SemiKD ablation variants (``semikd_*``) get a panel of their own beside the full method, so the
+    comparison of methods stays readable."""
+    panels: dict[str, dict[str, list]] = {}
+    for c in sorted(cells, key=lambda c: (c.dataset, c.labels)):
+        pts = val_dice_series(m, c)
+        if not pts:
             continue
-        pts = sorted({int(float(r["step"])): float(r["val/dice"]) for r in csv.DictReader(path.open())
-                      if r.get("val/dice")}.items())
-        if pts:
-            series.append((c, pts))
-    if not series:
+        where = f"{c.dataset}, {c.labels * 100:.0f}% labels"
+        titles = [f"{where}: SemiKD ablation"] if c.method.startswith("semikd_") else [where]
+        if c.method == "semikd" and any(o.method.startswith("semikd_") and (o.dataset, o.labels) ==
+                                        (c.dataset, c.labels) for o in cells):
+            titles.append(f"{where}: SemiKD ablation")  # the full method is the ablation's last row too
+        for t in titles:
+            panels.setdefault(t, {}).setdefault(f"{c.method} ({c.network})", []).append(pts)
+    return {t: v for t, v in panels.items() if v}
+
+
+def curves_figure(m: Manifest, cells: list[Cell]) -> bytes | None:
+    """Validation Dice against training step: per panel (:func:`curve_panels`), one line per method and
+    network, the mean over its seeds with their range shaded."""
+    panels = curve_panels(m, cells)
+    if not panels:
         return None
     plt = _plt()
-    groups = sorted({(c.dataset, c.labels) for c, _ in series})
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-    for ax, (ds, lab) in zip(axes[0], groups, strict=True):
-        for c, pts in series:
-            if (c.dataset, c.labels) == (ds, lab):
-                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f"{c.method} ({c.network}) s{c.seed}")
-        ax.set_title(f"{ds}, {lab * 100:.0f}% labels: validation Dice")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.9 * rows), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    order = list(dict.fromkeys(label for lines in panels.values() for label in lines))  # one colour per line
+    for ax, (title, lines) in zip(axes.flat, panels.items(), strict=False):
+        for label, seeds in lines.items():
+            steps = sorted(set.intersection(*(set(dict(s)) for s in seeds)))
+            vals = np.array([[dict(s)[t] for t in steps] for s in seeds])
+            i = order.index(label)
+            color, style = colors[(2 * i) % 20 + (i // 10) % 2], "-" if i < 20 else "--"
+            n = f", {len(seeds)} seeds" if len(seeds) > 1 else ""
+            ax.plot(steps, vals.mean(0), style, marker="o", ms=3, color=color, label=f"{label}{n}")
+            if len(seeds) > 1:
+                ax.fill_between(steps, vals.min(0), vals.max(0), color=color, alpha=0.15, lw=0)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel("val Dice")
-        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -378,7 +413,8 @@ def write_outputs(m: Manifest) -> list[Path]:
     qual, notes = qualitative_figure(m, table_cells)
     figures = [("Test Dice per method", dice_figure(table_agg), "mean ± std over seeds"),
                ("Training curves", curves_figure(m, table_cells + [c for c in m.cells if c.part == "ablation"]),
-                "validation Dice during training, from each cell's metrics.csv"),
+                "validation Dice during training, from each cell's metrics.csv: the mean over a method's seeds, "
+                "their range shaded"),
                ("Qualitative examples", qual, "green: ground truth; red: prediction. " + " ".join(notes))]
     paths = []
     for name, text in texts.items():
