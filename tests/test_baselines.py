@@ -425,3 +425,29 @@ def test_bcp_pretrain_step_supervises_the_pasted_labels():
         bcp_mod.mix_loss = orig
     assert torch.equal(seen["outer"], b["labeled"]["mask"][:1]) and torch.equal(seen["inner"], b["labeled"]["mask"][1:2])
     assert seen["mask"].shape == (32, 32) and (seen["mask"] == 0).sum() == 21 * 21
+
+
+def test_bcp_self_training_starts_from_the_pretrainings_best_validation_state():
+    """The authors' self_train loads the pre-training's best model into student and teacher: the idle teacher
+    keeps the state of the best validation Dice seen so far, and the switch puts it back into the student."""
+    m = tiny(BCP)
+    assert m.hparams.self_train_from == "best" and float(m.pretrain_best_dice) == -1
+    best = {k: v.clone() for k, v in m.net.state_dict().items()}
+    m.record_pretrain_validation(0.6)
+    with torch.no_grad():
+        for p in m.net.parameters():
+            p.add_(0.5)  # trained on: a worse validation does not replace the kept state
+    m.record_pretrain_validation(0.4)
+    assert float(m.pretrain_best_dice) == pytest.approx(0.6)
+    m.pretrain_steps = lambda: 0
+    m.training_step(batch(), 0)
+    assert bool(m.teacher_ready)
+    for name, p in m.net.named_parameters():  # the student is the best state (before this step's update)
+        assert torch.equal(p, best[name]), name
+    for t, s in zip(m.teacher.module.parameters(), m.net.parameters(), strict=True):
+        assert torch.equal(t, s)
+    m.record_pretrain_validation(0.9)  # self-training: validations no longer touch the teacher
+    assert float(m.pretrain_best_dice) == pytest.approx(0.6)
+    last = tiny(BCP, self_train_from="last")
+    last.record_pretrain_validation(0.6)
+    assert float(last.pretrain_best_dice) == -1  # "last": nothing kept

@@ -53,9 +53,11 @@ class BCP(SegmentationModule):
         L = (Dice_1 + Dice_2 + CE_1 + CE_2) / 2                      masked Dice and CE (``mix_loss``)
 
     Learning rate: a constant 0.01 (the authors never decay it). No consistency weight (the authors'
-    script computes one and never uses it). Deviations: one run instead of two (the self-training starts
-    from the last pre-training step, not from the pre-training's best-validation checkpoint), and the box
-    position is uniform over all positions where it fits. The teacher runs in training mode (batch
+    script computes one and never uses it). The self-training starts, student and teacher, from the
+    pre-training's best validation state, as the authors' ``self_train`` loads ``{model}_best_model.pth``
+    (the idle teacher holds that state during the pre-training; with no validation in the pre-training,
+    the last state). Deviations: one run instead of two (the optimiser's momentum carries over instead of
+    being reloaded with the best weights), and the box position is uniform over all positions where it fits. The teacher runs in training mode (batch
     statistics, dropout) as the authors' ``ema_model.train()``. The student (``net``) is evaluated and
     deployed.
 
@@ -66,6 +68,8 @@ class BCP(SegmentationModule):
         unlabeled_weight: loss weight of the pixels with pseudo-labels (unlabeled origin) (0.5).
         box_ratio: side of the pasted box as a fraction of the image side (2/3).
         largest_cc: keep only the largest connected component of each class in the pseudo-labels.
+        self_train_from: ``best`` (the pre-training's best validation Dice, the authors' choice) or ``last``
+            (its last step; runs before 2026-11-26's fifth sitting did this).
         schedule: learning-rate schedule (BCP: ``constant``).
         **kwargs: the base's other arguments (network, optimiser, learning rate).
     """
@@ -80,6 +84,7 @@ class BCP(SegmentationModule):
         unlabeled_weight: float = 0.5,
         box_ratio: float = 2 / 3,
         largest_cc: bool = True,
+        self_train_from: Literal["best", "last"] = "best",
         schedule: Literal["poly", "cosine", "constant"] = "constant",
         **kwargs,
     ) -> None:
@@ -94,6 +99,9 @@ class BCP(SegmentationModule):
         # 1 once the self-training stage has set the teacher to the student: a buffer, so that it is in
         # checkpoints and a run resumed in the self-training stage keeps its teacher.
         self.register_buffer("teacher_ready", torch.zeros(()))
+        # validation Dice of the best pre-training state, which the idle teacher holds until the
+        # self-training starts from it (-1: no validation yet). A buffer: resumed runs keep it.
+        self.register_buffer("pretrain_best_dice", torch.full((), -1.0))
 
     def pretrain_steps(self) -> int:
         return int(round(self.hparams.pretrain_fraction * total_steps(self)))
@@ -103,9 +111,28 @@ class BCP(SegmentationModule):
         if self.global_step < self.pretrain_steps():
             return self.pretrain_step(lab)
         if not bool(self.teacher_ready):
-            self.teacher.copy_from(self.net)
-            self.teacher_ready.fill_(1.0)
+            self.start_self_training()
         return self.self_train_step(lab, unl)
+
+    def record_pretrain_validation(self, dice: float) -> None:
+        """During the pre-training, keep the student's state in the (idle) teacher when ``dice`` is its best."""
+        if self.hparams.self_train_from == "best" and not bool(self.teacher_ready) and dice > float(self.pretrain_best_dice):
+            self.pretrain_best_dice.fill_(dice)
+            self.teacher.copy_from(self.net)
+
+    def start_self_training(self) -> None:
+        """Student and teacher from the pre-training's best state (or its last, see ``self_train_from``)."""
+        if self.hparams.self_train_from == "best" and float(self.pretrain_best_dice) >= 0:
+            with torch.no_grad():
+                self.net.load_state_dict(self.teacher.module.state_dict())  # in place: the optimiser keeps them
+        else:
+            self.teacher.copy_from(self.net)
+        self.teacher_ready.fill_(1.0)
+
+    def on_validation_epoch_end(self) -> None:
+        summary = self._finish_eval("val")  # every rank gets the same (gathered) summary: one decision
+        if summary is not None and not self.trainer.sanity_checking:
+            self.record_pretrain_validation(float(summary["dice"]["mean"]))
 
     @staticmethod
     def _halves(x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
