@@ -101,10 +101,12 @@ def test_rows_trained_with_a_superseded_loss_form_are_marked(tmp_path):
         return d
 
     semikd = "lesion_kd.methods.SemiKDModule"
-    current = {"map_centered": True, "dss_balance_area": "labeled", "contrast_form": "softplus"}
+    current = {"map_centered": True, "dss_balance_area": "labeled", "contrast_form": "softplus", "gamma2": 10.0}
     # configs from before the options existed: every old form
     assert superseded_losses(cell("old", semikd, kd_mode="pckd")) == [
-        "uncentred L_map", "batch-balanced consistency", "unbounded contrast"]
+        "uncentred L_map", "batch-balanced consistency", "unbounded contrast", "alignment weighted 0.1"]
+    assert superseded_losses(cell("weak", semikd, **{**current, "gamma2": 0.1})) == ["alignment weighted 0.1"]
+    assert superseded_losses(cell("weak-off", semikd, **{**current, "gamma2": 0.1, "use_alignment": False})) == []
     assert superseded_losses(cell("map", semikd, kd_mode="map", use_dss=False, map_centered=False)) == ["uncentred L_map"]
     assert superseded_losses(cell("batch", semikd, **{**current, "dss_balance_area": "batch"})) == [
         "batch-balanced consistency"]

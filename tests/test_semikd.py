@@ -77,6 +77,13 @@ def test_contrast_min_area_reaches_the_contrast_term():
     assert m._last_losses["dss_contrast"] == 0
 
 
+def test_the_alignment_weight_defaults_to_10_in_the_class_and_the_method_config():
+    """gamma2 = 0.1 let the lesion class spread over the unlabeled images (experiments/results/diagnostics/)."""
+    cfg = yaml.safe_load((REPO / "experiments/method/semikd.yaml").read_text())["model"]["init_args"]
+    assert module().dss.gamma2 == 10.0 and cfg["gamma2"] == 10.0
+    assert module(gamma2=0.1).dss.gamma2 == 0.1
+
+
 def test_map_centered_is_the_default_and_can_be_switched_off():
     assert module().pckd.centered is True and module(map_centered=False).pckd.centered is False
 

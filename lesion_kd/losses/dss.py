@@ -211,7 +211,7 @@ class DSSLoss(nn.Module):
 
     def __init__(
         self,
-        gamma2: float = 0.1,
+        gamma2: float = 10.0,
         gamma3: float = 0.1,
         use_consistency: bool = True,
         use_alignment: bool = True,

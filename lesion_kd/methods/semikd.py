@@ -64,7 +64,9 @@ class SemiKDModule(SegmentationModule):
             student's deepest feature to one direction (``lesion_kd.losses.pckd``; results before
             2026-11-26 were trained with it).
         use_dss: switch L_dss on or off.
-        gamma2: weight of the distribution-alignment term inside L_dss.
+        gamma2: weight of the distribution-alignment term inside L_dss (10: at 0.1 the term, squared area gaps
+            of about 0.01-0.03, weighs nothing and the lesion class spreads over the unlabeled images;
+            experiments/results/diagnostics/README.md; results before 2026-11-26's fifth sitting used 0.1).
         gamma3: weight of the contrast term inside L_dss.
         use_consistency: switch the class-balanced weak-to-strong consistency term.
         use_alignment: switch the labeled/unlabeled distribution alignment term.
@@ -123,7 +125,7 @@ class SemiKDModule(SegmentationModule):
         perturbation_strength: float = 0.3,
         map_centered: bool = True,
         use_dss: bool = True,
-        gamma2: float = 0.1,
+        gamma2: float = 10.0,
         gamma3: float = 0.1,
         use_consistency: bool = True,
         use_alignment: bool = True,

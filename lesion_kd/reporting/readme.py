@@ -60,7 +60,9 @@ def _network(network: str, efficiency: dict) -> str:
 SUPERSEDED_NOTE = ("† trained with a loss form since replaced as the default: method.md's uncentred L_map (collapses "
                    "the student's deepest feature to one direction: `benchmarks/feature_collapse.py`), or its L_dss "
                    "balanced by the unlabeled batch's own areas / with the unbounded -log contrast (both made BUSI dip: "
-                   "`experiments/results/diagnostics/`); rerun such a cell with the current defaults to replace it.")
+                   "`experiments/results/diagnostics/`), or its distribution alignment weighted gamma2 = 0.1 (too "
+                   "weak to hold the lesion area: the lesion class spreads); rerun such a cell with the current "
+                   "defaults to replace it.")
 
 # written beside a cell's metrics by benchmarks/gpu_session.sh: the cell trained on the carried copy of the data
 CARRIED_DATA = "carried_data.txt"
@@ -89,6 +91,8 @@ def superseded_losses(run_dir: Path) -> list[str]:
             found.append("batch-balanced consistency")
         if init.get("use_contrast", True) and init.get("contrast_form", "log") == "log":
             found.append("unbounded contrast")
+        if init.get("use_alignment", True) and float(init.get("gamma2", 0.1)) == 0.1:
+            found.append("alignment weighted 0.1")
     return found
 
 
