@@ -16,6 +16,10 @@ Kvasir-SEG seed-2 failure of SemiKD: README, "Results so far"):
     python benchmarks/predicted_area.py -n 40 --root ../shared/datasets/Kvasir-SEG \
         --test-of experiments/results/cpu/kvasir-seg/semikd-mamba_unet-10pct-seed2/metrics.json \
         runs/reproduce/cpu/kvasir-seg/semikd-mamba_unet-10pct-seed2/lightning_logs/version_0/checkpoints/*.ckpt
+
+With ``--unlabeled-of SPLIT_JSON`` (a run's ``split.json``) it takes the run's unlabeled training images, whose
+masks training never sees, and prints the same plus the Dice of the checkpoint's argmax labels, whole and
+reduced to the largest component (BCP's pseudo-labels): how good the pseudo-labels it would give are.
 """
 
 from __future__ import annotations
@@ -37,18 +41,32 @@ def _load(path: Path, size: int, rgb: bool) -> np.ndarray:
     return np.array(Image.open(path).convert("RGB" if rgb else "L").resize((size, size)))
 
 
-def test_split_areas(args, root: Path) -> None:
-    ids = list(json.loads(Path(args.test_of).read_text())["per_image"])[: args.n]
+def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean per-image Dice (an image with neither lesion predicted nor present counts 1)."""
+    inter, total = (pred & gt).sum((1, 2)), pred.sum((1, 2)) + gt.sum((1, 2))
+    return float(np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0).mean())
+
+
+def split_areas(args, root: Path) -> None:
+    """``--test-of`` / ``--unlabeled-of``: images with masks; area, false positives/negatives and Dice."""
+    from lesion_kd.methods.components import largest_component
+
+    if args.test_of:
+        ids, what = list(json.loads(Path(args.test_of).read_text())["per_image"])[: args.n], f"test images of {args.test_of}"
+    else:  # the unlabeled training images of a run: what a pseudo-labelling method trains on
+        ids, what = json.loads(Path(args.unlabeled_of).read_text())["unlabeled"][: args.n], f"unlabeled images of {args.unlabeled_of}"
     images = {p.stem: p for p in (root / "images").iterdir()}
     masks = {p.stem: p for p in (root / "masks").iterdir()}
     x = torch.stack([torch.from_numpy(_load(images[i], args.size, True)).permute(2, 0, 1).float() / 255 for i in ids])
     gt = np.stack([_load(masks[i], args.size, False) > 127 for i in ids])
-    print(f"{len(ids)} test images of {args.test_of} at {args.size}x{args.size}: ground-truth lesion area {gt.mean():.4f}")
+    print(f"{len(ids)} {what} at {args.size}x{args.size}: ground-truth lesion area {gt.mean():.4f}")
     for ck in args.checkpoints:
         with torch.no_grad():
-            pred = (torch.softmax(load_student(ck).eval()(x).float(), 1)[:, 1] > 0.5).numpy()
+            labels = load_student(ck).eval()(x).float().argmax(1)
+        pred, lcc = labels.numpy() == 1, largest_component(labels).numpy() == 1
         print(f"{ck}: predicted lesion area {pred.mean():.4f}, false positives {(pred & ~gt).mean():.4f}, "
-              f"false negatives {(~pred & gt).mean():.4f} of the pixels")
+              f"false negatives {(~pred & gt).mean():.4f} of the pixels; Dice {_dice(pred, gt):.4f} "
+              f"(largest component only, BCP's pseudo-label: {_dice(lcc, gt):.4f})")
 
 
 def main() -> None:
@@ -59,10 +77,12 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=8, help="images per category")
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--test-of", help="a finished cell's metrics.json: use its test images (with masks) instead")
+    ap.add_argument("--unlabeled-of", help="a run's split.json: use its unlabeled training images (with their "
+                    "masks, hidden from training) instead: how good the pseudo-labels a checkpoint gives are")
     args = ap.parse_args()
     root = Path(args.root)
-    if args.test_of:
-        return test_split_areas(args, root)
+    if args.test_of or args.unlabeled_of:
+        return split_areas(args, root)
     meta = list(csv.DictReader(open(root / "metadata.csv")))
     for ck in args.checkpoints:
         net = load_student(ck).eval()
