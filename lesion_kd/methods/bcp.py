@@ -57,8 +57,8 @@ class BCP(SegmentationModule):
     pre-training's best validation state, as the authors' ``self_train`` loads ``{model}_best_model.pth``
     (the idle teacher holds that state during the pre-training; with no validation in the pre-training,
     the last state). Deviations: one run instead of two (the optimiser's momentum carries over instead of
-    being reloaded with the best weights), and the box position is uniform over all positions where it fits. The teacher runs in training mode (batch
-    statistics, dropout) as the authors' ``ema_model.train()``. The student (``net``) is evaluated and
+    being reloaded with the best weights), and the box position is uniform over all positions where it
+    fits. The teacher runs in training mode (batch statistics, dropout) as the authors' ``ema_model.train()``. The student (``net``) is evaluated and
     deployed.
 
     Args:

@@ -183,14 +183,14 @@ def curve_panels(m: Manifest, cells: list[Cell]) -> dict[str, dict[str, list[lis
     SemiKD ablation variants (``semikd_*``) get a panel of their own beside the full method, so the
     comparison of methods stays readable."""
     panels: dict[str, dict[str, list]] = {}
+    ablated = {(c.dataset, c.labels) for c in cells if c.method.startswith("semikd_")}
     for c in sorted(cells, key=lambda c: (c.dataset, c.labels)):
         pts = val_dice_series(m, c)
         if not pts:
             continue
         where = f"{c.dataset}, {c.labels * 100:.0f}% labels"
         titles = [f"{where}: SemiKD ablation"] if c.method.startswith("semikd_") else [where]
-        if c.method == "semikd" and any(o.method.startswith("semikd_") and (o.dataset, o.labels) ==
-                                        (c.dataset, c.labels) for o in cells):
+        if c.method == "semikd" and (c.dataset, c.labels) in ablated:
             titles.append(f"{where}: SemiKD ablation")  # the full method is the ablation's last row too
         for t in titles:
             panels.setdefault(t, {}).setdefault(f"{c.method} ({c.network})", []).append(pts)
