@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from lesion_kd.methods.semikd import load_student
+from lesion_kd.metrics import image_metrics
 
 
 def _load(path: Path, size: int, rgb: bool) -> np.ndarray:
@@ -42,9 +43,8 @@ def _load(path: Path, size: int, rgb: bool) -> np.ndarray:
 
 
 def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Mean per-image Dice (an image with neither lesion predicted nor present counts 1)."""
-    inter, total = (pred & gt).sum((1, 2)), pred.sum((1, 2)) + gt.sum((1, 2))
-    return float(np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0).mean())
+    """Mean per-image Dice of (N, H, W) masks, by the suite's own metric (``lesion_kd.metrics``)."""
+    return float(np.mean([image_metrics(p, g)["dice"] for p, g in zip(pred, gt, strict=True)]))
 
 
 def split_areas(args, root: Path) -> None:
