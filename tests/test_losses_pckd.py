@@ -18,6 +18,7 @@ from lesion_kd.losses import (
     PCKDLoss,
     Projector,
     feature_map_loss,
+    relation_loss,
     response_loss,
 )
 
@@ -81,6 +82,59 @@ def test_centred_feature_map_loss_cannot_be_met_by_a_constant_feature():
 def test_feature_map_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="shapes differ"):
         feature_map_loss(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2))
+
+
+# --- L_rel (the optional relational term) ---------------------------------------------------------
+
+
+def test_relation_loss_ignores_channel_mixing_and_scale_but_not_structure():
+    """S is pixels x pixels, so two maps with different channel counts compare: a student whose pixel
+    vectors are an orthogonal mixing of the teacher's (any scale, any mean) scores 0, a random one does not."""
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(B, C_T, 4, 4, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(C_T + 8, C_T, generator=g))  # orthonormal columns: C_T -> C_T + 8
+    student = 5.0 * torch.einsum("oc,bchw->bohw", q, teacher) + torch.randn(1, C_T + 8, 1, 1, generator=g)
+    assert relation_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-5)
+    other = relation_loss(torch.randn(B, C_S, 4, 4, generator=g), teacher)
+    assert torch.isfinite(other) and 0.05 < other.item() <= 4
+
+
+def test_a_rank_one_student_meets_centred_l_map_but_not_l_rel():
+    """The measured second minimum: centred student pixels all along one direction u (+-u times a scalar map
+    s). A projector output with the same structure matches L_map exactly, so L_map cannot tell it from a good
+    student; L_rel against the teacher's own, richer similarities can."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, C_S, 1, 1, generator=g)
+    s = torch.randn(B, 1, 4, 4, generator=g)
+    rank_one = u * s + 3.0 * torch.randn(1, C_S, 1, 1, generator=g)
+    projected = 2.0 * u * s  # a projector that read s off the teacher's embedding
+    assert feature_map_loss(rank_one, projected).item() == pytest.approx(0.0, abs=1e-5)
+    teacher = torch.randn(B, C_T, 4, 4, generator=g)
+    assert relation_loss(rank_one, teacher).item() > 0.3
+    assert relation_loss(teacher[:, :C_S], teacher[:, :C_S]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relation_term_is_added_to_l_map_trains_the_student_and_is_refused_without_l_map():
+    feats = student_feats()
+    teacher = torch.randn(B, C_T, 64, 64, dtype=torch.float16).requires_grad_(True)
+    loss = PCKDLoss(C_S, C_T, mode="map", relation_weight=0.5)
+    out = loss(feats, teacher)
+    assert set(out) == {"map", "rel", "pckd"} and out["rel"].item() > 0
+    torch.testing.assert_close(out["pckd"], out["map"] + 0.5 * out["rel"])
+    (g_rel,) = torch.autograd.grad(out["rel"], feats[-1], retain_graph=True)
+    assert g_rel.abs().sum() > 0
+    out["pckd"].backward()
+    assert teacher.grad is None
+    assert "rel" not in PCKDLoss(C_S, C_T, mode="map")(student_feats(), teacher.detach())
+    with pytest.raises(ValueError, match="featkd"):
+        PCKDLoss(C_S, C_T, mode="featkd", relation_weight=1.0)
+    with pytest.raises(ValueError, match="relation_weight"):
+        PCKDLoss(C_S, C_T, relation_weight=-1.0)
+
+
+def test_relation_loss_rejects_different_grids():
+    with pytest.raises(ValueError, match="grid"):
+        relation_loss(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2))
 
 
 # --- projector -------------------------------------------------------------------------------------

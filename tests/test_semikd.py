@@ -88,6 +88,20 @@ def test_map_centered_is_the_default_and_can_be_switched_off():
     assert module().pckd.centered is True and module(map_centered=False).pckd.centered is False
 
 
+def test_the_relational_map_term_is_off_by_default_and_adds_to_the_step_loss_when_weighted():
+    assert module().pckd.relation_weight == 0.0
+
+    def step_loss(weight):
+        torch.manual_seed(0)
+        m = module(map_relation_weight=weight, perturbation="none", use_dss=False, ramp_fraction=0.0)
+        return m.training_step(batch(), 0)
+
+    without, with_rel = step_loss(0.0), step_loss(1.0)
+    assert with_rel.item() > without.item() + 1e-4
+    with pytest.raises(ValueError, match="model.map_relation_weight"):
+        module(map_relation_weight=-0.5)
+
+
 def test_dss_defaults_are_the_labeled_prior_and_the_bounded_contrast_and_reach_the_loss():
     """Defaults changed after the BUSI diagnostics (experiments/results/diagnostics/README.md); method.md's
     literal forms stay one option away, and the chosen form changes the logged contrast value."""

@@ -1,7 +1,7 @@
 """SemiKD's loss terms as separate, individually tested units (the supervised loss lives in the method base).
 
 - ``pckd``: perturbation-consistent cross-architecture KD (``PCKDLoss``; its parts ``Projector``,
-  ``feature_map_loss``, ``FeaturePerturbation``, ``response_loss``; the ``FeatureKD`` ablation).
+  ``feature_map_loss``, ``relation_loss``, ``FeaturePerturbation``, ``response_loss``; the ``FeatureKD`` ablation).
 - ``dss``: distribution-based self-supervision (``DSSLoss``; its parts ``class_balanced_consistency``,
   ``DistributionAlignment``, ``contrast_loss``).
 """
@@ -16,6 +16,7 @@ from .pckd import (
     PerturbationDraw,
     Projector,
     feature_map_loss,
+    relation_loss,
     resize_features,
     response_loss,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "class_balanced_consistency",
     "contrast_loss",
     "feature_map_loss",
+    "relation_loss",
     "resize_features",
     "response_loss",
 ]

@@ -20,6 +20,19 @@ and BUSI) ended with the deepest feature's pixel directions coherent to 1.000 (n
 vector) and per-pixel norms of 550-1020, against 0.60-0.63 and 16-49 without L_map. Centred, a constant
 feature has nothing left to match: the student has to reproduce the teacher's spatial structure.
 
+Centring leaves a second easy minimum (measured 2026-11-26, ``experiments/results/diagnostics/README.md``):
+the student's centred pixels along ONE direction (+u or -u times a scalar map; PC1 share 0.60-0.75 of the
+deepest feature against 0.27-0.32 without L_map), which a projector predicting one scalar map matches to
+L_map of about 0.002. The optional relational term (``relation_weight``, off by default; a reconstruction,
+not in method.md) adds
+
+    L_rel = mean_{b,i,j} ( <n(c(f_s))_i, n(c(f_s))_j> - <n(c(f_t'))_i, n(c(f_t'))_j> )^2
+
+over the h*w pixels i, j of each image, f_t' the teacher's raw embedding resized to the student grid (no
+trainable part on the teacher side): the student must reproduce which of its pixels the teacher finds
+alike, which a rank-one feature (all similarities +-1) cannot, whatever the projector does.
+L_map then stands for L_map + relation_weight * L_rel (logged separately as "rel").
+
 ``FeatureKD`` is the FitNets-style ablation (regressor + MSE, no mapping network, no perturbation);
 ``PCKDLoss`` switches between the three modes. The projector and the regressor exist only for training:
 they are not part of the deployed student and are not counted in its size.
@@ -44,6 +57,7 @@ __all__ = [
     "Projector",
     "center",
     "feature_map_loss",
+    "relation_loss",
     "resize_features",
     "response_loss",
 ]
@@ -148,6 +162,31 @@ def feature_map_loss(f_s: torch.Tensor, p_t: torch.Tensor, centered: bool = True
         f_s, p_t = center(f_s), center(p_t)
     d = F.normalize(f_s, dim=1) - F.normalize(p_t, dim=1)
     return d.pow(2).sum(1).mean()
+
+
+def relation_loss(f_s: torch.Tensor, f_t: torch.Tensor, centered: bool = True) -> torch.Tensor:
+    """L_rel = mean_{b,i,j} ( S(f_s)_ij - S(f_t)_ij )^2, S(f)_ij = <n(c(f))_i, n(c(f))_j> over the h*w pixels.
+
+    Args:
+        f_s: student feature (B, C_s, h, w).
+        f_t: teacher feature on the same grid (B, C_t, h, w); any channel count (S is pixels x pixels).
+        centered: centre each image's pixels first (as ``feature_map_loss``).
+
+    Returns:
+        scalar in [0, 4], 0 when the two feature maps have the same pixel-to-pixel cosine similarities (e.g.
+        one is an orthogonal channel mixing of the other), float32. Hand-written: no maintained library
+        (MONAI, torchmetrics) has a similarity-preserving / relational KD loss.
+    """
+    if f_s.shape[0] != f_t.shape[0] or f_s.shape[-2:] != f_t.shape[-2:]:
+        raise ValueError(f"relation_loss: batch or grid differ, {tuple(f_s.shape)} vs {tuple(f_t.shape)}")
+
+    def sim(f: torch.Tensor) -> torch.Tensor:
+        f = f.float()
+        f = center(f) if centered else f
+        u = F.normalize(f.flatten(2), dim=1)  # (B, C, N)
+        return u.transpose(1, 2) @ u  # (B, N, N)
+
+    return (sim(f_s) - sim(f_t)).pow(2).mean()
 
 
 @dataclass
@@ -326,6 +365,7 @@ class PCKDLoss(nn.Module):
 
     - "pckd": L_map + beta * L_resp  -> keys "map", "resp", "pckd"
     - "map":  L_map                  -> keys "map", "pckd"
+    - with ``relation_weight`` > 0, "pckd" and "map" modes add relation_weight * L_rel (key "rel")
     - "featkd": FeatureKD (FitNets)  -> keys "featkd", "pckd"
 
     "pckd" is always the total to weight with lambda_kd(t). Only the modules the mode uses are built
@@ -351,11 +391,17 @@ class PCKDLoss(nn.Module):
         projector_hidden: int | None = None,
         rescale_teacher: bool = True,
         centered: bool = True,
+        relation_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in PCKD_MODES:
             raise ValueError(f"unknown PCKD mode {mode!r}; choose one of: {', '.join(PCKD_MODES)}")
+        if relation_weight < 0:
+            raise ValueError(f"relation_weight={relation_weight}: must be >= 0")
         self.mode, self.beta, self.rescale_teacher, self.centered = mode, float(beta), rescale_teacher, centered
+        if relation_weight > 0 and mode == "featkd":
+            raise ValueError("relation_weight: the relational term extends L_map; mode 'featkd' has no L_map")
+        self.relation_weight = float(relation_weight)
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
         # validated even in modes that do not use it, so a typo in a config fails at construction
         self.perturbation = FeaturePerturbation(perturbation, strength)
@@ -384,6 +430,9 @@ class PCKDLoss(nn.Module):
         p_t = self.projector(f_t, f_s.shape[-2:])
         out = {"map": feature_map_loss(f_s, p_t, centered=self.centered)}
         total = out["map"]
+        if self.relation_weight > 0:
+            out["rel"] = relation_loss(f_s, resize_features(f_t, f_s.shape[-2:]), centered=self.centered)
+            total = total + self.relation_weight * out["rel"]
         if self.mode == "pckd":
             if decode is None:
                 raise ValueError("PCKDLoss mode 'pckd' needs the student's decode callable")

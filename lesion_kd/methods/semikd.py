@@ -63,6 +63,10 @@ class SemiKDModule(SegmentationModule):
             their image mean (default); false: the uncentred L_map of method.md, which collapses the
             student's deepest feature to one direction (``lesion_kd.losses.pckd``; results before
             2026-11-26 were trained with it).
+        map_relation_weight: weight of the relational term L_rel added to L_map (0: off, the default): the
+            student's pixel-to-pixel similarities at the distilled stage matched to those of the teacher's raw
+            embedding, which a rank-one student feature cannot match (``lesion_kd.losses.pckd``; a
+            reconstruction beyond method.md).
         use_dss: switch L_dss on or off.
         gamma2: weight of the distribution-alignment term inside L_dss (10: at 0.1 the term, squared area gaps
             of about 0.01-0.03, weighs nothing and the lesion class spreads over the unlabeled images;
@@ -124,6 +128,7 @@ class SemiKDModule(SegmentationModule):
         perturbation: Literal["noise", "channel_dropout", "feature_drop", "none"] = "noise",
         perturbation_strength: float = 0.3,
         map_centered: bool = True,
+        map_relation_weight: float = 0.0,
         use_dss: bool = True,
         gamma2: float = 10.0,
         gamma3: float = 0.1,
@@ -138,7 +143,7 @@ class SemiKDModule(SegmentationModule):
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
         for name, v in (("lambda_kd", lambda_kd), ("lambda_dss", lambda_dss), ("beta", beta), ("gamma2", gamma2),
-                        ("gamma3", gamma3)):
+                        ("gamma3", gamma3), ("map_relation_weight", map_relation_weight)):
             if v < 0:
                 raise ValueError(f"model.{name}={v}: must be >= 0")
         if not 0.0 <= ramp_fraction <= 1.0:
@@ -149,7 +154,7 @@ class SemiKDModule(SegmentationModule):
             raise ValueError(f"model.teacher_checkpoint={teacher_checkpoint!r}: file not found")
         self.pckd = (
             PCKDLoss(self.net.feature_channels[-1], 256, mode=kd_mode, beta=beta, perturbation=perturbation,
-                     strength=perturbation_strength, centered=map_centered)
+                     strength=perturbation_strength, centered=map_centered, relation_weight=map_relation_weight)
             if kd_mode != "none" else None
         )
         self.dss = (
