@@ -132,7 +132,7 @@ class LesionCLI(LightningCLI):
         self.model.on_nonfinite = self._sub().get("on_nonfinite", "stop")
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt and not os.environ.get(ALLOW_CHANGED_RESUME):
-            changed = changed_hparams(ckpt, dict(self.model.hparams))
+            changed = changed_hparams(ckpt, dict(self.model.hparams), getattr(self.model, "NEUTRAL_ADDED_OPTIONS", None))
             if changed:
                 raise SystemExit(
                     f"lesion-kd fit: {ckpt} was trained with another model configuration, and resuming it would "
@@ -180,10 +180,13 @@ def csv_unless_configured(trainer, configured) -> None:
         trainer.loggers = [CSVLogger(save_dir=trainer.default_root_dir)]
 
 
-def changed_hparams(ckpt: str | os.PathLike, hparams: dict) -> list[str]:
-    """``key: old -> new`` for every model hyperparameter that differs between a checkpoint and this run
-    (a key the checkpoint lacks, e.g. an option added to the code since, counts as changed: its new default
-    may change the training)."""
+def changed_hparams(ckpt: str | os.PathLike, hparams: dict, neutral: dict | None = None) -> list[str]:
+    """``key: old -> new`` for every model hyperparameter that differs between a checkpoint and this run.
+
+    A key the checkpoint lacks, i.e. an option added to the code since, counts as changed (its default may
+    change the training, as ``map_centered``'s did), unless ``neutral`` names it with the value that trains
+    exactly as the code did before the option existed (a module's ``NEUTRAL_ADDED_OPTIONS``) and the run
+    has that value."""
     import json
 
     import torch
@@ -201,6 +204,8 @@ def changed_hparams(ckpt: str | os.PathLike, hparams: dict) -> list[str]:
     out = []
     for key in sorted((set(old) | set(hparams)) - {"_instantiator"}):
         a, b = old.get(key, absent), hparams.get(key, absent)
+        if a is absent and b is not absent and key in (neutral or {}) and norm(b) == norm(neutral[key]):
+            continue
         if a is absent or b is absent or norm(a) != norm(b):
             out.append(f"model.{key.lstrip('_')}: {show(a)} -> {show(b)}")
     return out

@@ -108,6 +108,23 @@ def test_changed_hparams_counts_an_option_the_checkpoint_lacks(tmp_path):
         "model.map_centered: (absent) -> True"]
 
 
+def test_an_added_option_at_its_neutral_value_does_not_block_a_resume(tmp_path):
+    """An option added since the checkpoint, whose value trains as before it existed (SemiKD's relational
+    term at weight 0), resumes; any other value of it, or an added option not declared neutral, does not."""
+    from lesion_kd.lightning_cli import changed_hparams
+    from lesion_kd.methods import SemiKDModule
+
+    ckpt = tmp_path / "c.ckpt"
+    torch.save({"hyper_parameters": {"lr": 0.01}}, ckpt)
+    neutral = SemiKDModule.NEUTRAL_ADDED_OPTIONS
+    assert changed_hparams(ckpt, {"lr": 0.01, "map_relation_weight": 0.0}, neutral) == []
+    assert changed_hparams(ckpt, {"lr": 0.01, "map_relation_weight": 1.0}, neutral) == [
+        "model.map_relation_weight: (absent) -> 1.0"]
+    assert changed_hparams(ckpt, {"lr": 0.01, "map_relation_weight": 0.0}) == [
+        "model.map_relation_weight: (absent) -> 0.0"]
+    assert changed_hparams(ckpt, {"lr": 0.01, "map_centered": True}, neutral) == ["model.map_centered: (absent) -> True"]
+
+
 def test_resumed_run_continues_its_wandb_run(tmp_path, data_dir):
     env = {"LESION_KD_DATA": str(data_dir), "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": ""}
     args = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",

@@ -102,6 +102,10 @@ class SemiKDModule(SegmentationModule):
             return "semikd_dss" if dss else "semikd_sup"
         return f"semikd_{kd}" + ("+dss" if dss else "")
 
+    # options added after runs were trained, with the value that trains as before they existed: a checkpoint
+    # without them resumes (``lightning_cli.changed_hparams``)
+    NEUTRAL_ADDED_OPTIONS = {"map_relation_weight": 0.0}
+
     def __init__(
         self,
         network: str = "mamba_unet",
