@@ -141,6 +141,13 @@ def center(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(dim=(2, 3), keepdim=True)
 
 
+def unit_pixels(f: torch.Tensor, centered: bool = True) -> torch.Tensor:
+    """n(c(f)) of L_map and L_rel: (B, C, h, w) in float32, each pixel's C-vector (centred first when
+    ``centered``) scaled to unit length."""
+    f = f.float()
+    return F.normalize(center(f) if centered else f, dim=1)
+
+
 def feature_map_loss(f_s: torch.Tensor, p_t: torch.Tensor, centered: bool = True) -> torch.Tensor:
     """L_map = mean_{b,y,x} sum_c ( n(c(f_s)) - n(c(p_t)) )_c^2 with n(v) = v / ||v||_2 over channels and
     c(f) = f - mean_{y,x} f per image and channel (``centered``; without it, c is the identity).
@@ -157,10 +164,7 @@ def feature_map_loss(f_s: torch.Tensor, p_t: torch.Tensor, centered: bool = True
     """
     if f_s.shape != p_t.shape:
         raise ValueError(f"feature_map_loss: shapes differ, {tuple(f_s.shape)} vs {tuple(p_t.shape)}")
-    f_s, p_t = f_s.float(), p_t.float()
-    if centered:
-        f_s, p_t = center(f_s), center(p_t)
-    d = F.normalize(f_s, dim=1) - F.normalize(p_t, dim=1)
+    d = unit_pixels(f_s, centered) - unit_pixels(p_t, centered)
     return d.pow(2).sum(1).mean()
 
 
@@ -181,9 +185,7 @@ def relation_loss(f_s: torch.Tensor, f_t: torch.Tensor, centered: bool = True) -
         raise ValueError(f"relation_loss: batch or grid differ, {tuple(f_s.shape)} vs {tuple(f_t.shape)}")
 
     def sim(f: torch.Tensor) -> torch.Tensor:
-        f = f.float()
-        f = center(f) if centered else f
-        u = F.normalize(f.flatten(2), dim=1)  # (B, C, N)
+        u = unit_pixels(f, centered).flatten(2)  # (B, C, N)
         return u.transpose(1, 2) @ u  # (B, N, N)
 
     return (sim(f_s) - sim(f_t)).pow(2).mean()
