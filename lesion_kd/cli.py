@@ -95,13 +95,35 @@ def run_lightning(args: list[str] | None) -> int:
 
     from .lightning_cli import run_lightning as _run  # Lightning and the training code load only here
 
+    finished = False
     try:
         _run(args)
+        finished = True
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit without a code, i.e. exit status 0: a preempted run
         # (checkpoint saved, not finished) would look done to a scheduler or a `&&` chain
         return SIGTERM_EXIT
+    finally:
+        shutdown_distributed(synchronize=finished)
     return 0
+
+
+def shutdown_distributed(synchronize: bool) -> None:
+    """Destroy the DDP process group while the interpreter is fully alive.
+
+    Lightning leaves it to an ``atexit`` handler; under gloo a rank whose worker threads still hold work from the
+    last collective (the test metrics' gather) can then abort at interpreter teardown ("terminate called without
+    an active exception", exit status -6) after a run that finished and wrote its results (pytorch#190489). A
+    finished run first waits at a barrier, so no rank tears down while another still talks to it; a failed one
+    does not (its peers may be gone) and only destroys its own group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _call(target: str, args: list[str]):

@@ -184,3 +184,30 @@ def test_the_default_logger_is_csv_even_where_tensorboard_is_installed(tmp_path)
     trainer = Trainer(logger=False, default_root_dir=tmp_path, enable_checkpointing=False)
     csv_unless_configured(trainer, False)
     assert trainer.loggers == []
+
+
+@pytest.mark.parametrize("outcome", ["finished", "failed"])
+def test_a_lightning_command_destroys_its_process_group_before_the_interpreter_exits(tmp_path, monkeypatch, outcome):
+    # left to Lightning's atexit handler, a gloo rank can abort at teardown (-6) after a finished DDP run
+    import torch.distributed as dist
+
+    import lesion_kd.lightning_cli as lcli
+    from lesion_kd import cli
+
+    def fake_run(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+        if outcome == "failed":
+            raise RuntimeError("training failed")
+
+    monkeypatch.setattr(lcli, "run_lightning", fake_run)
+    try:
+        if outcome == "failed":
+            with pytest.raises(RuntimeError, match="training failed"):
+                cli.run_lightning([])
+        else:
+            assert cli.run_lightning([]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
