@@ -285,10 +285,16 @@ def test_cps_each_network_learns_from_the_others_argmax():
 
 
 def test_cps_networks_are_initialised_differently_and_the_first_is_evaluated():
-    m = tiny(CPS)
+    m = tiny(CPS)  # default: two independent draws of PyTorch's default initialisation
     w1 = m.net.encoder.stages[0][0].weight
     w2 = m.net2.encoder.stages[0][0].weight
     fan_in, fan_out = w1[0].numel(), w1.shape[0] * w1[0, 0].numel()
+    assert not torch.allclose(w1, w2)
+    assert w1.std().item() == pytest.approx(w2.std().item(), rel=0.25)
+    assert w1.std().item() == pytest.approx(math.sqrt(1 / (3 * fan_in)), rel=0.25)  # kaiming_uniform(a=sqrt 5)
+    ssl4mis = tiny(CPS, init1="kaiming", init2="xavier")  # SSL4MIS's re-initialisation, still available
+    w1 = ssl4mis.net.encoder.stages[0][0].weight
+    w2 = ssl4mis.net2.encoder.stages[0][0].weight
     assert w1.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.25)  # He normal
     assert w2.std().item() == pytest.approx(math.sqrt(2 / (fan_in + fan_out)), rel=0.25)  # Glorot normal
     x = torch.rand(1, 3, 32, 32)
