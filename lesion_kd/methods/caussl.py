@@ -76,7 +76,9 @@ class CauSSL(CPS):
     Deviations: starts are fractions of the run; the ramp spans ``ramp_fraction`` of the run (the authors':
     40 "epochs" of 150 iterations, longer than their 5000-iteration run); 0.5 * (CE + Dice) as theirs but
     with the base's two-class Dice; the base's learning-rate schedule (theirs: /10 after 2500 iterations);
-    initialisation as SSL4MIS's 2D CPS (He / Glorot normal).
+    initialisation: CPS's default, two independent default draws (SSL4MIS's He / Glorot normal, used here
+    authors' 2D code follows, left CPS's networks with eval-mode BatchNorm statistics off by the dropout variance
+    shift at this budget: :class:`~.cps.CPS`; ``init1: kaiming``, ``init2: xavier`` restore it).
 
     Args:
         consistency: weight of the cross pseudo-supervision after the ramp, before ``cps_scale`` (0.1).
