@@ -77,7 +77,7 @@ class CauSSL(CPS):
     40 "epochs" of 150 iterations, longer than their 5000-iteration run); 0.5 * (CE + Dice) as theirs but
     with the base's two-class Dice; the base's learning-rate schedule (theirs: /10 after 2500 iterations);
     initialisation: CPS's default, two independent default draws (SSL4MIS's He / Glorot normal, used here
-    authors' 2D code follows, left CPS's networks with eval-mode BatchNorm statistics off by the dropout variance
+    before, left CPS's networks with eval-mode BatchNorm statistics off by the dropout variance
     shift at this budget: :class:`~.cps.CPS`; ``init1: kaiming``, ``init2: xavier`` restore it).
 
     Args:
