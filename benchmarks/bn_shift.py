@@ -9,11 +9,17 @@ running ones (mean gap in batch standard deviations; variance ratio batch/runnin
 after a dropout layer is the dropout variance shift (Li et al., CVPR 2019)::
 
     python benchmarks/bn_shift.py runs/reproduce/cpu/kvasir-seg/cps-unet-10pct-seed0/lightning_logs/version_0/checkpoints/last.ckpt
+
+With ``--split RUN/split.json`` (the run's own split), the first network is also scored on the split's validation
+and test images (160x160, as the suite evaluates) as trained, then again after its BatchNorm running statistics
+are re-estimated over training images (the labeled and the first 200 unlabeled ones, unaugmented) with dropout
+off ("precise BN"): how much of its test Dice the shift costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -40,6 +46,43 @@ def dice(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (2 * inter / (p.flatten(1).sum(1) + y.flatten(1).sum(1)).clamp(min=1)).mean().item()
 
 
+def load_ids(root: Path, ids: list[str], size: int = 160) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and masks of a split's ids (a registry dataset folder with images/ and masks/)."""
+    def one(i: str) -> tuple[torch.Tensor, torch.Tensor]:
+        img = next(f for f in (root / "images").glob(f"{i}.*"))
+        x = torch.from_numpy(np.array(Image.open(img).convert("RGB").resize((size, size)))).permute(2, 0, 1).float() / 255
+        y = torch.from_numpy(np.array(Image.open(root / "masks" / f"{i}.png").convert("L").resize((size, size), Image.NEAREST)) > 127)
+        return x, y
+    xs, ys = zip(*(one(i) for i in ids), strict=True)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def split_scores(net: nn.Module, split: dict, tag: str, data: dict) -> None:
+    set_mode(net, False, False)
+    with torch.no_grad():
+        for name in ("val", "test"):
+            x, y = data[name]
+            lo = torch.cat([net(x[i:i + 10]) for i in range(0, len(x), 10)])
+            per = np.array([dice(lo[j:j + 1], y[j:j + 1]) for j in range(len(x))])
+            p = lo.argmax(1)
+            print(f"  {tag:<30} {name:<4} Dice {per.mean():.4f}  under 0.1: {int((per < 0.1).sum()):>2}  empty: "
+                  f"{int((p.flatten(1).sum(1) == 0).sum()):>2}  lesion share {p.float().mean():.3f} (truth {y.float().mean():.3f})")
+
+
+def precise_bn(net: nn.Module, split: dict, root: Path, data: dict) -> None:
+    split_scores(net, split, "as trained (eval mode)", data)
+    x, _ = load_ids(root, split["labeled"] + split["unlabeled"][:200])
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the passes below
+    set_mode(net, True, False)
+    with torch.no_grad():
+        for i in range(0, len(x), 16):
+            net(x[i:i + 16])
+    split_scores(net, split, "BN re-estimated, dropout off", data)
+
+
 def set_mode(net: nn.Module, bn_train: bool, dropout_train: bool) -> None:
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -51,6 +94,7 @@ def set_mode(net: nn.Module, bn_train: bool, dropout_train: bool) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
+    ap.add_argument("--split", type=Path, default=None, help="the run's split.json: score val/test, then precise BN")
     ap.add_argument("--root", type=Path, default=Path(os.environ.get("LESION_KD_DATA", "../shared/datasets")))
     args = ap.parse_args()
     ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
@@ -91,6 +135,11 @@ def main() -> None:
             h.remove()
         for name, gap, ratio in rows:
             print(f"    {prefix}{name:<32} mean gap {gap:.2f} std, variance batch/running {ratio:.2f}")
+        if args.split is not None and prefix == "net.":
+            split = json.loads(args.split.read_text())
+            root = Path(split["root"])
+            data = {k: load_ids(root, split[k]) for k in ("val", "test")}
+            precise_bn(net, split, root, data)
 
 
 if __name__ == "__main__":
