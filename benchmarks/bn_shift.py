@@ -31,13 +31,10 @@ from PIL import Image
 from lesion_kd.models import build_model
 
 
-def kvasir(root: Path, n: int = 16, size: int = 160) -> tuple[torch.Tensor, torch.Tensor]:
-    files = sorted((root / "Kvasir-SEG" / "images").iterdir())[:n]
-    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB").resize((size, size)))).permute(2, 0, 1)
-                     .float() / 255 for f in files])
-    y = torch.stack([torch.from_numpy(np.array(Image.open(root / "Kvasir-SEG" / "masks" / f"{f.stem}.png").convert("L")
-                                               .resize((size, size), Image.NEAREST)) > 127) for f in files])
-    return x, y
+def kvasir(root: Path, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` Kvasir-SEG images (by file name) and their masks."""
+    folder = root / "Kvasir-SEG"
+    return load_ids(folder, [f.stem for f in sorted((folder / "images").iterdir())[:n]])
 
 
 def dice(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -57,7 +54,7 @@ def load_ids(root: Path, ids: list[str], size: int = 160) -> tuple[torch.Tensor,
     return torch.stack(xs), torch.stack(ys)
 
 
-def split_scores(net: nn.Module, split: dict, tag: str, data: dict) -> None:
+def split_scores(net: nn.Module, tag: str, data: dict) -> None:
     set_mode(net, False, False)
     with torch.no_grad():
         for name in ("val", "test"):
@@ -70,7 +67,7 @@ def split_scores(net: nn.Module, split: dict, tag: str, data: dict) -> None:
 
 
 def precise_bn(net: nn.Module, split: dict, root: Path, data: dict) -> None:
-    split_scores(net, split, "as trained (eval mode)", data)
+    split_scores(net, "as trained (eval mode)", data)
     x, _ = load_ids(root, split["labeled"] + split["unlabeled"][:200])
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -80,7 +77,7 @@ def precise_bn(net: nn.Module, split: dict, root: Path, data: dict) -> None:
     with torch.no_grad():
         for i in range(0, len(x), 16):
             net(x[i:i + 16])
-    split_scores(net, split, "BN re-estimated, dropout off", data)
+    split_scores(net, "BN re-estimated, dropout off", data)
 
 
 def set_mode(net: nn.Module, bn_train: bool, dropout_train: bool) -> None:
