@@ -103,6 +103,31 @@ def test_alignment_is_zero_for_matching_statistics_and_positive_otherwise():
     assert unlabeled.grad.abs().sum() > 0
 
 
+def test_alignment_stats_select_which_gaps_enter_the_loss():
+    labeled, unlabeled = random_probs(), random_probs(shift=-3.0)
+    gaps = {}
+    for stats in (("area_mean", "area_var"), ("conf_mean", "conf_var"), DistributionAlignment.STATS):
+        da = DistributionAlignment(stats=stats)
+        da.update_labeled(labeled)
+        gaps[stats] = da(unlabeled).item()
+    s_l = DistributionAlignment().batch_stats(labeled)
+    s_u = DistributionAlignment().batch_stats(unlabeled)
+    expected = (s_u - s_l).pow(2)
+    assert gaps[("area_mean", "area_var")] == pytest.approx(expected[:2].sum().item(), rel=1e-5)
+    assert gaps[("conf_mean", "conf_var")] == pytest.approx(expected[2:].sum().item(), rel=1e-5)
+    assert gaps[DistributionAlignment.STATS] == pytest.approx(expected.sum().item(), rel=1e-5)
+    assert 0 < gaps[("area_mean", "area_var")] < gaps[DistributionAlignment.STATS]
+    assert DistributionAlignment(stats=["conf_var", "area_mean"]).stats == ("area_mean", "conf_var")  # canonical order
+
+
+@pytest.mark.parametrize("stats", [(), ("area",), ["area_mean", "entropy"]])
+def test_alignment_stats_must_be_known_names(stats):
+    with pytest.raises(ValueError, match="alignment stats"):
+        DistributionAlignment(stats=stats)
+    with pytest.raises(ValueError, match="alignment stats"):
+        DSSLoss(align_stats=stats)
+
+
 def test_alignment_buffers_update_with_momentum_without_gradient_and_are_saved():
     da = DistributionAlignment(momentum=0.9)
     p1, p2 = random_probs(shift=1.0).requires_grad_(True), random_probs(shift=-1.0)

@@ -117,6 +117,21 @@ def test_dss_defaults_are_the_labeled_prior_and_the_bounded_contrast_and_reach_t
     assert sp >= 0 and sp > lg  # log(1 + 1/r) = -log r + log(1 + r) > -log r
 
 
+def test_align_stats_reach_the_alignment_term():
+    """All four statistics by default (method.md); an area-only alignment gives a smaller alignment loss on
+    the same step and the same weights, since it drops the confidence gaps."""
+    full, area = module(), module(align_stats=("area_mean", "area_var"))
+    assert full.dss.alignment.stats == ("area_mean", "area_var", "conf_mean", "conf_var")
+    assert area.dss.alignment.stats == ("area_mean", "area_var")
+    area.load_state_dict(full.state_dict())
+    for m in (full, area):  # a first step fills the labeled statistics; the second compares against them
+        torch.manual_seed(0)
+        m.training_step(batch(seed=1), 0)
+        torch.manual_seed(0)
+        m.training_step(batch(seed=2), 1)
+    assert 0 < area._last_losses["dss_align"] < full._last_losses["dss_align"]
+
+
 def test_full_method_step_runs_under_bf16_autocast_on_cpu():
     # the cpu profile trains in bf16-mixed: every term must have a bf16 CPU path
     m = module()
@@ -186,12 +201,14 @@ def test_semikd_smoke_fit_and_test_through_the_cli(tmp_path, data_dir):
     run = run_dir_of(tmp_path / "fit")
     header = (run / "metrics.csv").read_text().splitlines()[0]
     for term in ("train/sup", "train/pckd", "train/kd_map", "train/kd_resp", "train/dss", "train/dss_cons",
-                 "train/dss_align", "train/dss_contrast", "train/ramp", "train/area_unlabeled", "train/area_labeled"):
+                 "train/dss_align", "train/dss_contrast", "train/ramp", "train/area_unlabeled", "train/area_labeled",
+                 "train/conf_unlabeled", "train/conf_labeled"):
         assert term in header
     import csv
 
     areas = [float(r[k]) for r in csv.DictReader((run / "metrics.csv").open())
-             for k in ("train/area_unlabeled", "train/area_labeled") if r.get(k)]
+             for k in ("train/area_unlabeled", "train/area_labeled", "train/conf_unlabeled", "train/conf_labeled")
+             if r.get(k)]
     assert areas and all(0.0 <= a <= 1.0 for a in areas)
     assert "metrics written to" in out.stdout
     ckpt = next((run / "checkpoints").glob("best-*.ckpt"))

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 __all__ = ["DSSLoss", "DistributionAlignment", "class_balanced_consistency", "contrast_loss"]
 
 CONTRAST_FORMS = ("log", "softplus")  # contrast_loss(form=...): method.md's -log r, or log(1 + 1/r)
+ALIGN_STATS = ("area_mean", "area_var", "conf_mean", "conf_var")  # DistributionAlignment's statistics, in order
 
 
 def class_balanced_consistency(
@@ -73,7 +74,11 @@ class DistributionAlignment(nn.Module):
     batch of one has variance 0). Buffers hold an exponential moving average of the labeled s:
     s_L <- s (first update), then s_L <- m s_L + (1 - m) s. The loss is
 
-        L_align = sum_j ( s_U[j] - s_L[j] )^2    (0 before the first labeled update)
+        L_align = sum_{j in stats} ( s_U[j] - s_L[j] )^2    (0 before the first labeled update)
+
+``stats`` picks which of the four enter the loss (default all four, method.md's): the area statistics hold the
+predicted lesion area, the confidence ones pull the unlabeled predictions toward the confidence the student
+reaches on the images it is trained on (an entropy-minimising push). The buffers always hold all four.
 
     Both statistics are soft (no argmax), so the loss is differentiable and empty masks are no special
     case. Its magnitude is small (areas ~0.1, variances ~0.01: squared gaps ~1e-4 to 1e-2), which the
@@ -84,13 +89,18 @@ class DistributionAlignment(nn.Module):
     default ``broadcast_buffers`` rank 0's copy is the one all processes use.
     """
 
-    STATS = ("area_mean", "area_var", "conf_mean", "conf_var")
+    STATS = ALIGN_STATS
 
-    def __init__(self, momentum: float = 0.99, eps: float = 1e-6) -> None:
+    def __init__(self, momentum: float = 0.99, eps: float = 1e-6, stats: tuple[str, ...] | list[str] = ALIGN_STATS) -> None:
         super().__init__()
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1); got {momentum}")
+        unknown = [n for n in stats if n not in ALIGN_STATS]
+        if unknown or not stats:
+            raise ValueError(f"alignment stats {list(stats)!r}: a non-empty subset of {ALIGN_STATS}")
         self.momentum, self.eps = float(momentum), float(eps)
+        self.stats = tuple(n for n in ALIGN_STATS if n in stats)
+        self._index = [ALIGN_STATS.index(n) for n in self.stats]
         self.register_buffer("labeled_stats", torch.zeros(4))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
@@ -115,7 +125,7 @@ class DistributionAlignment(nn.Module):
     def forward(self, probs_unlabeled: torch.Tensor) -> torch.Tensor:
         """(B, 2, H, W) unlabeled probabilities (with gradient) -> scalar L_align (float32)."""
         s_u = self.batch_stats(probs_unlabeled)
-        loss = (s_u - self.labeled_stats.detach()).pow(2).sum()
+        loss = (s_u - self.labeled_stats.detach()).pow(2)[self._index].sum()
         return torch.where(self.num_updates > 0, loss, torch.zeros_like(loss))
 
 
@@ -207,6 +217,7 @@ class DSSLoss(nn.Module):
     Returns a dict with "cons", "align", "contrast" (only the terms switched on; an off term is neither
     computed nor returned) and "dss", the weighted total (0 when every term is off). The alignment
     module (its buffers) exists even when the term is off, so checkpoints of all ablations share keys.
+    ``align_stats``: the alignment's statistics (``DistributionAlignment``'s ``stats``).
     """
 
     def __init__(
@@ -221,6 +232,7 @@ class DSSLoss(nn.Module):
         contrast_min_area: float = 0.0,
         balance_area: str = "batch",
         contrast_form: str = "log",
+        align_stats: tuple[str, ...] | list[str] = ALIGN_STATS,
     ) -> None:
         super().__init__()
         if contrast_form not in CONTRAST_FORMS:  # at construction, before any training step
@@ -235,7 +247,7 @@ class DSSLoss(nn.Module):
         self.gamma2, self.gamma3 = float(gamma2), float(gamma3)
         self.use_consistency, self.use_alignment, self.use_contrast = use_consistency, use_alignment, use_contrast
         self.hard_balance = hard_balance
-        self.alignment = DistributionAlignment(momentum)
+        self.alignment = DistributionAlignment(momentum, stats=align_stats)
 
     def forward(
         self,

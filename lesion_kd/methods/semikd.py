@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..losses import DSSLoss, PCKDLoss
+from ..losses.dss import ALIGN_STATS
 from .base import SegmentationModule
 from .components import ramp
 
@@ -76,6 +77,10 @@ class SemiKDModule(SegmentationModule):
         use_alignment: switch the labeled/unlabeled distribution alignment term.
         use_contrast: switch the foreground/background contrast term.
         dss_momentum: momentum of the moving average of labeled statistics.
+        align_stats: the statistics the alignment term matches (default all four, method.md's: the batch mean
+            and variance of the predicted lesion area and of the mean lesion confidence); e.g. ``[area_mean,
+            area_var]`` holds the lesion area without pulling the unlabeled confidence toward the labeled one.
+            The training log records ``train/conf_unlabeled`` and ``train/conf_labeled`` beside the areas.
         contrast_min_area: the contrast term leaves out unlabeled images whose predicted lesion covers less
             than this fraction of the image (0: every image with a soft foreground; see ``contrast_loss``).
         dss_balance_area: the class areas the consistency term balances by: ``labeled`` (default: the moving
@@ -143,6 +148,7 @@ class SemiKDModule(SegmentationModule):
         contrast_min_area: float = 0.0,
         dss_balance_area: Literal["batch", "labeled"] = "labeled",
         contrast_form: Literal["log", "softplus"] = "softplus",
+        align_stats: tuple[Literal["area_mean", "area_var", "conf_mean", "conf_var"], ...] = ALIGN_STATS,
     ) -> None:
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
@@ -164,7 +170,7 @@ class SemiKDModule(SegmentationModule):
         self.dss = (
             DSSLoss(gamma2, gamma3, use_consistency=use_consistency, use_alignment=use_alignment,
                     use_contrast=use_contrast, momentum=dss_momentum, contrast_min_area=contrast_min_area,
-                    balance_area=dss_balance_area, contrast_form=contrast_form)
+                    balance_area=dss_balance_area, contrast_form=contrast_form, align_stats=align_stats)
             if use_dss else None
         )
         # Kept out of the module tree on purpose: the teacher is frozen and never saved with the student.
@@ -251,8 +257,13 @@ class SemiKDModule(SegmentationModule):
             total = total + hp.lambda_dss * ramp * terms["dss"]
             # predicted lesion area (soft) of the unlabeled weak views against the labeled ones: self-training's
             # usual failure, the lesion class spreading over the background, shows as the first outgrowing the second
-            self.log("train/area_unlabeled", torch.softmax(logits_uw.detach().float(), 1)[:, 1].mean(), batch_size=n_lab)
-            self.log("train/area_labeled", probs_l[:, 1].mean(), batch_size=n_lab)
+            stats_u = self.dss.alignment.batch_stats(torch.softmax(logits_uw.detach().float(), 1))
+            stats_l = self.dss.alignment.batch_stats(probs_l)
+            self.log("train/area_unlabeled", stats_u[0], batch_size=n_lab)
+            self.log("train/area_labeled", stats_l[0], batch_size=n_lab)
+            # mean lesion confidence: what the alignment's confidence statistics pull together
+            self.log("train/conf_unlabeled", stats_u[2], batch_size=n_lab)
+            self.log("train/conf_labeled", stats_l[2], batch_size=n_lab)
 
         losses["loss"] = total
         self.log("train/ramp", ramp, batch_size=n_lab)
