@@ -272,6 +272,25 @@ def test_cct_detach_main_stops_consistency_gradient_into_the_main_decoder():
         assert (m.net.decoder.head.weight.grad is not None) == expect
 
 
+def test_cct_supervises_all_four_decoders_or_only_the_main_one():
+    """SSL4MIS averages L_sup over the main and the auxiliary decoders; Ouali et al. supervise the main one only,
+    so that, with the consistency off, the auxiliary decoders get no gradient and L_sup is the main decoder's."""
+    b = batch()
+    for supervise_aux in (True, False):
+        m = tiny(CCT, supervise_aux=supervise_aux, consistency=0.0)
+        m.training_step(b, 0).backward()
+        aux_grads = [p.grad for d in m.aux_decoders for p in d.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in aux_grads) == supervise_aux
+        assert all(g is None or g.abs().sum() == 0 for g in aux_grads) != supervise_aux
+    m = tiny(CCT, supervise_aux=False, consistency=0.0)
+    m.eval()  # no encoder dropout: the step's main output equals a plain forward
+    with torch.no_grad():
+        expected = m.supervised_loss(m.net(b["labeled"]["image_weak"]), b["labeled"]["mask"])
+    torch.manual_seed(0)
+    m.training_step(b, 0)
+    assert m._last_losses["sup"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ CPS
 def test_cps_each_network_learns_from_the_others_argmax():
     g = torch.Generator().manual_seed(0)

@@ -21,7 +21,9 @@ class CCT(SegmentationModule):
         L = 1/4 sum_{d in main, aux} L_sup(d on labeled) + w(t) * 1/3 sum_k mean (softmax main - softmax aux_k)^2
         w(t) = 0.1 * exp(-5 (1 - t/T)^2)
 
-    The consistency is on unlabeled images; supervision covers all four decoders, as SSL4MIS. E + D_0 is
+    The consistency is on unlabeled images; supervision covers all four decoders, as SSL4MIS (the original
+    CCT supervises the main decoder only and trains the auxiliary ones by the consistency alone:
+    ``supervise_aux: false``, where L_sup(main) replaces the average). E + D_0 is
     the configured U-Net (``net``), evaluated and deployed; the auxiliary decoders are training-only. The
     perturbations are ``FeaturePerturbation`` kinds (one noise draw per sample; feature drop's threshold
     in its min-max form, equal to CCT's for the U-Net's nearly non-negative LeakyReLU maps).
@@ -34,6 +36,9 @@ class CCT(SegmentationModule):
         drop_range: range of gamma of the feature-drop decoder ((0.7, 0.9)).
         detach_main: use the main decoder's prediction as a fixed target (the original CCT) instead of
             letting the consistency train it too (SSL4MIS, the default).
+        supervise_aux: average the supervised loss over the main and the three auxiliary decoders (SSL4MIS, the
+            default) or supervise the main decoder only (Ouali et al.'s CCT), so that the evaluated decoder
+            gets the whole supervised gradient.
         **kwargs: the base's arguments (network: must be ``unet``; optimiser; schedule).
     """
 
@@ -48,6 +53,7 @@ class CCT(SegmentationModule):
         dropout: float = 0.3,
         drop_range: tuple[float, float] = (0.7, 0.9),
         detach_main: bool = False,
+        supervise_aux: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -70,7 +76,8 @@ class CCT(SegmentationModule):
         feats = self.net.encode(torch.cat([lab["image_weak"], unl["image_weak"]]))
         main = self.net.decode(feats)
         aux = [dec(perturbed(feats, pert)) for dec, pert in zip(self.aux_decoders, self.perturbations, strict=True)]
-        sup = sum(self.supervised_loss(o[:n], lab["mask"]) for o in [main, *aux]) / (1 + len(aux))
+        supervised = [main, *aux] if hp.supervise_aux else [main]
+        sup = sum(self.supervised_loss(o[:n], lab["mask"]) for o in supervised) / len(supervised)
         target = torch.softmax(main[n:].float(), dim=1)
         if hp.detach_main:
             target = target.detach()
