@@ -150,18 +150,36 @@ def _plt():
 
 
 def dice_figure(agg: list[dict]) -> bytes | None:
+    """Test Dice of every finished table row: one panel per (dataset, labels), stacked, each as tall as its rows,
+    bars sorted best first and labelled with their value (mean ± std over seeds); supervised-only rows grey, the
+    paper's method highlighted, so where each method stands against supervised-only reads at a glance."""
     if not agg:
         return None
+    from .readme import METHOD_NAMES, NETWORK_NAMES  # display names shared with the README table
+
     plt = _plt()
     groups = sorted({(r["dataset"], r["labels"]) for r in agg})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
-    for ax, (ds, lab) in zip(axes[0], groups, strict=True):
-        rows = [r for r in agg if r["dataset"] == ds and r["labels"] == lab]
-        names = [f"{r['method']}\n({r['network']})" for r in rows]
-        ax.barh(names, [100 * r["dice_mean"] for r in rows], xerr=[100 * r["dice_std"] for r in rows], color="#4c72b0")
-        ax.set_title(f"{ds}, {lab * 100:.0f}% labels")
-        ax.set_xlabel("test Dice %")
+    sizes = [sum(1 for r in agg if (r["dataset"], r["labels"]) == g) for g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8.5, 0.9 * len(groups) + 0.32 * sum(sizes)), squeeze=False,
+                             gridspec_kw={"height_ratios": [n + 1.5 for n in sizes]}, sharex=True)
+    for ax, (ds, lab) in zip(axes[:, 0], groups, strict=True):
+        rows = sorted((r for r in agg if r["dataset"] == ds and r["labels"] == lab), key=lambda r: -r["dice_mean"])
+        names = [f"{METHOD_NAMES.get(r['method'], r['method']).replace('**', '')} · "
+                 f"{NETWORK_NAMES.get(r['network'], (r['network'],))[0]}" for r in rows]
+        colours = ["#c44e52" if r["method"] == "semikd" else "#8c8c8c" if r["method"] == "supervised" else "#4c72b0"
+                   for r in rows]
+        y = np.arange(len(rows))
+        means = [100 * r["dice_mean"] for r in rows]
+        ax.barh(y, means, xerr=[100 * r["dice_std"] for r in rows], color=colours, height=0.7)
+        for yi, r, v in zip(y, rows, means, strict=True):
+            txt = f"{v:.1f}" + (f" ± {100 * r['dice_std']:.1f}" if r.get("seeds", 1) > 1 else "")
+            ax.text(v + 100 * r["dice_std"] + 1, yi, txt, va="center", fontsize=8)  # clear of the error bar
+        ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
+        ax.set_title(f"{ds}, {lab * 100:.0f}% labels", fontsize=10, loc="left")
+        ax.set_xlim(0, 100)
+    axes[-1, 0].set_xlabel("test Dice % (grey: supervised only; red: the paper's method)")
+    fig.tight_layout()
     return _png(fig)
 
 
