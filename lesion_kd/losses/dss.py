@@ -76,9 +76,9 @@ class DistributionAlignment(nn.Module):
 
         L_align = sum_{j in stats} ( s_U[j] - s_L[j] )^2    (0 before the first labeled update)
 
-``stats`` picks which of the four enter the loss (default all four, method.md's): the area statistics hold the
-predicted lesion area, the confidence ones pull the unlabeled predictions toward the confidence the student
-reaches on the images it is trained on (an entropy-minimising push). The buffers always hold all four.
+    ``stats`` picks which of the four enter the loss (default all four, method.md's): the area statistics hold
+    the predicted lesion area, the confidence ones pull the unlabeled predictions toward the confidence the
+    student reaches on the images it is trained on (an entropy-minimising push). The buffers hold all four.
 
     Both statistics are soft (no argmax), so the loss is differentiable and empty masks are no special
     case. Its magnitude is small (areas ~0.1, variances ~0.01: squared gaps ~1e-4 to 1e-2), which the

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..data.io import atomic_write_bytes
 from . import efficiency
+from .readme import METHOD_NAMES, NETWORK_NAMES  # display names shared with the README table
 from .reproduce import REPO, Cell, Manifest, cell_dir, is_finished, read_timing
 from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
@@ -155,8 +156,6 @@ def dice_figure(agg: list[dict]) -> bytes | None:
     paper's method highlighted, so where each method stands against supervised-only reads at a glance."""
     if not agg:
         return None
-    from .readme import METHOD_NAMES, NETWORK_NAMES  # display names shared with the README table
-
     plt = _plt()
     groups = sorted({(r["dataset"], r["labels"]) for r in agg})
     sizes = [sum(1 for r in agg if (r["dataset"], r["labels"]) == g) for g in groups]
