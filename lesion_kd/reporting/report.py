@@ -157,12 +157,14 @@ def dice_figure(agg: list[dict]) -> bytes | None:
     if not agg:
         return None
     plt = _plt()
-    groups = sorted({(r["dataset"], r["labels"]) for r in agg})
-    sizes = [sum(1 for r in agg if (r["dataset"], r["labels"]) == g) for g in groups]
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in agg:
+        groups[(r["dataset"], r["labels"])].append(r)
+    sizes = [len(groups[g]) for g in sorted(groups)]
     fig, axes = plt.subplots(len(groups), 1, figsize=(8.5, 0.9 * len(groups) + 0.32 * sum(sizes)), squeeze=False,
                              gridspec_kw={"height_ratios": [n + 1.5 for n in sizes]}, sharex=True)
-    for ax, (ds, lab) in zip(axes[:, 0], groups, strict=True):
-        rows = sorted((r for r in agg if r["dataset"] == ds and r["labels"] == lab), key=lambda r: -r["dice_mean"])
+    for ax, (ds, lab) in zip(axes[:, 0], sorted(groups), strict=True):
+        rows = sorted(groups[(ds, lab)], key=lambda r: -r["dice_mean"])
         names = [f"{METHOD_NAMES.get(r['method'], r['method']).replace('**', '')} · "
                  f"{NETWORK_NAMES.get(r['network'], (r['network'],))[0]}" for r in rows]
         colours = ["#c44e52" if r["method"] == "semikd" else "#8c8c8c" if r["method"] == "supervised" else "#4c72b0"
