@@ -171,7 +171,11 @@ def test_grid_expands_and_filters():
     # the full method is a table row, an ablation row and a 3-seed row at Kvasir-SEG 10%: one cell per seed
     full10 = [c for c in m.cells if c.method == "semikd" and c.dataset == "kvasir-seg" and c.labels == 0.1]
     assert sorted(c.seed for c in full10) == [0, 1, 2]
-    assert [c.seed for c in m.cells if c.method == "semikd" and c.dataset == "busi" and c.labels == 0.1] == [0]
+    # and at BUSI 10% (with the supervised-only student), but not at BUSI 20%
+    busi10 = [(c.method, c.seed) for c in m.cells if c.dataset == "busi" and c.labels == 0.1 and c.network == "mamba_unet"]
+    assert sorted(busi10) == [("semikd", 0), ("semikd", 1), ("semikd", 2),
+                              ("supervised", 0), ("supervised", 1), ("supervised", 2)]
+    assert [c.seed for c in m.cells if c.method == "semikd" and c.dataset == "busi" and c.labels == 0.2] == [0]
     kv = select(m.cells, ["dataset=kvasir-seg", "part=table", "labels=0.1,0.2"])
     assert kv and all(c.dataset == "kvasir-seg" and c.labels in (0.1, 0.2) and c.part == "table" for c in kv)
     with pytest.raises(ManifestError, match="--only"):
