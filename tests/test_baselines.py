@@ -282,7 +282,8 @@ def test_cct_supervises_all_four_decoders_or_only_the_main_one():
         aux_grads = [p.grad for d in m.aux_decoders for p in d.parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in aux_grads) == supervise_aux
         assert all(g is None or g.abs().sum() == 0 for g in aux_grads) != supervise_aux
-    m = tiny(CCT, supervise_aux=False, consistency=0.0)
+    m = tiny(CCT, consistency=0.0)
+    assert m.hparams.supervise_aux is False  # the default is Ouali et al.'s: the main decoder only
     m.eval()  # no encoder dropout: the step's main output equals a plain forward
     with torch.no_grad():
         expected = m.supervised_loss(m.net(b["labeled"]["image_weak"]), b["labeled"]["mask"])
