@@ -45,7 +45,8 @@ def class_balanced_consistency(
     with the weak one (the caller mixes the weak prediction the same way as a CutMix'd strong view).
 
     ``area`` (K,) replaces the batch's own A_k (e.g. the lesion prior measured on labeled images): a batch
-    of lesion-free images then does not weight its few spurious lesion pixels tens of times.
+    with little predicted lesion (small lesions, or lesion-free images) then does not weight its few lesion
+    pixels tens of times.
 
     Returns:
         scalar, >= 0, 0 when the two predictions agree; gradient only to ``logits_strong``.

@@ -85,8 +85,8 @@ class SemiKDModule(SegmentationModule):
             than this fraction of the image (0: every image with a soft foreground; see ``contrast_loss``).
         dss_balance_area: the class areas the consistency term balances by: ``labeled`` (default: the moving
             mean predicted lesion area of labeled images) or ``batch`` (the unlabeled batch's own predicted
-            areas, method.md's literal reading, which weights a lesion-free batch's few spurious lesion pixels
-            tens of times and made BUSI's validation Dice dip: experiments/results/diagnostics/).
+            areas, method.md's literal reading, which weights the few lesion pixels of a batch with little
+            predicted lesion tens of times and made BUSI's validation Dice dip: experiments/results/diagnostics/).
         contrast_form: ``softplus`` (default: log(1 + 1/ratio), the same push for poorly separated features,
             fading once they separate) or ``log`` (method.md's -log of the separation ratio, unbounded below,
             which kept pushing features apart along the student's own mask and made BUSI dip; see
