@@ -92,7 +92,7 @@ def test_two_process_cpu_ddp_fit_of_an_ema_teacher_method(tmp_path, data_dir):
     assert ckpt["global_step"] == 3 and any(k.startswith("teacher.module.") for k in ckpt["state_dict"])
 
 
-@pytest.mark.parametrize("method", ["mean_teacher", "cps", "bcp"])
+@pytest.mark.parametrize("method", ["mean_teacher", "ua_mt", "cps", "bcp"])
 def test_smoke_fit_trains_the_mamba_student(method, tmp_path, data_dir):
     check_smoke_fit_trains_the_mamba_student(method, tmp_path, data_dir)
 
