@@ -18,6 +18,7 @@ from lesion_kd.methods.bcp import mix_loss
 from lesion_kd.methods.components import (
     EMATeacher,
     box_mask,
+    check_weights,
     copy_paste,
     ema_alpha,
     largest_component,
@@ -80,6 +81,34 @@ def test_methods_without_unlabeled_images_fail_clearly():
     del b["unlabeled"]
     with pytest.raises(ValueError, match="unlabeled_batch_size"):
         tiny(MeanTeacher).training_step(b, 0)
+
+
+@pytest.mark.parametrize(
+    ("cls", "option", "value"),
+    [
+        (MeanTeacher, "consistency", -0.1),
+        (MeanTeacher, "noise_clip", -1.0),
+        (MeanTeacher, "ramp_fraction", 1.5),
+        (CPS, "consistency", -0.1),
+        (CCT, "ramp_fraction", -0.5),
+        (URPC, "consistency", -1.0),
+        (MCNetPlus, "temperature", 0.0),
+        (MCNetPlus, "consistency", -0.1),
+    ],
+)
+def test_impossible_values_name_the_option_and_its_value(cls, option, value):
+    with pytest.raises(ValueError, match=rf"^model\.{option}={value}: must be"):
+        tiny(cls, **{option: value})
+
+
+def test_check_weights_accepts_the_edges_and_names_the_first_bad_option():
+    check_weights(0.0, consistency=0.0)
+    check_weights(1.0)
+    check_weights(beta=0.3)  # no ramp: nothing to check there
+    with pytest.raises(ValueError, match=r"^model\.beta=-0.3: must be >= 0$"):
+        check_weights(0.5, consistency=0.1, beta=-0.3)
+    with pytest.raises(ValueError, match=r"^model\.ramp_fraction=1.01: must be in \[0, 1\]$"):
+        check_weights(1.01, consistency=0.1)
 
 
 @pytest.mark.parametrize("cls", [URPC, CCT, MCNetPlus])

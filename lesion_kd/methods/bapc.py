@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import SegmentationModule
-from .components import consistency_weight, split_batch
+from .components import check_weights, consistency_weight, split_batch
 
 _MISSING = -1e4  # logit of a prototype that no pixel of the batch defines (finite: no NaN in softmax/CE)
 
@@ -127,10 +127,7 @@ class BaPC(SegmentationModule):
             raise ValueError(f"model.temperature={temperature}: must be > 0")
         if boundary_width < 1:
             raise ValueError(f"model.boundary_width={boundary_width}: must be >= 1")
-        if proto_weight < 0 or consistency < 0 or contrast_weight < 0:
-            raise ValueError("model.proto_weight, model.consistency and model.contrast_weight must be >= 0")
-        if not 0.0 <= ramp_fraction <= 1.0:
-            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        check_weights(ramp_fraction, proto_weight=proto_weight, consistency=consistency, contrast_weight=contrast_weight)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         hp = self.hparams

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .components import AuxiliaryOptimizer, consistency_weight, total_steps
+from .components import AuxiliaryOptimizer, check_weights, consistency_weight, total_steps
 from .cps import CPS
 
 
@@ -112,8 +112,7 @@ class CauSSL(CPS):
         **kwargs,
     ) -> None:
         super().__init__(consistency=consistency, **kwargs)
-        if cps_scale < 0 or dependence_weight < 0:
-            raise ValueError("model.cps_scale and model.dependence_weight must be >= 0")
+        check_weights(cps_scale=cps_scale, dependence_weight=dependence_weight)
         for name, v in (("cps_start", cps_start), ("max_start", max_start), ("min_start", min_start)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"model.{name}={v}: must be in [0, 1]")

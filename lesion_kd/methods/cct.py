@@ -6,7 +6,7 @@ import torch
 
 from ..models.multihead import auxiliary_decoders, require_unet
 from .base import SegmentationModule
-from .components import FeaturePerturbation, consistency_weight, perturbed, split_batch
+from .components import FeaturePerturbation, check_weights, consistency_weight, perturbed, split_batch
 
 
 class CCT(SegmentationModule):
@@ -59,10 +59,7 @@ class CCT(SegmentationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if consistency < 0:
-            raise ValueError(f"model.consistency={consistency}: must be >= 0")
-        if not 0.0 <= ramp_fraction <= 1.0:
-            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        check_weights(ramp_fraction, consistency=consistency)
         net = require_unet(self.net, "CCT")
         self.perturbations = torch.nn.ModuleList([
             FeaturePerturbation("noise", noise_range),

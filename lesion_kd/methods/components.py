@@ -1,5 +1,6 @@
 """Pieces shared by the semi-supervised baselines (MT, UA-MT, URPC, CCT, CPS, MC-Net+, BCP).
 
+- option checks: :func:`check_weights` (loss weights and the ramp's length);
 - batch access: :func:`split_batch`;
 - loss-weight ramps: :func:`ramp`, :func:`consistency_weight` (SSL4MIS: 0.1 * exp(-5 (1 - t/T)^2));
 - an EMA teacher: :class:`EMATeacher`, :func:`ema_alpha`, :func:`teacher_input_noise`;
@@ -33,6 +34,7 @@ __all__ = [
     "EMATeacher",
     "FeaturePerturbation",
     "box_mask",
+    "check_weights",
     "consistency_weight",
     "copy_paste",
     "ema_alpha",
@@ -45,6 +47,18 @@ __all__ = [
     "teacher_input_noise",
     "total_steps",
 ]
+
+
+# ------------------------------------------------------------------------------------------- options
+def check_weights(ramp_fraction: float | None = None, **weights: float) -> None:
+    """Refuse impossible loss options before a run starts: every weight in ``weights`` must be >= 0 and
+    ``ramp_fraction`` (the ramp's length as a fraction of the run) in [0, 1]. The error names the first bad
+    option as it is set in a config, e.g. ``model.consistency=-0.1: must be >= 0``."""
+    for name, value in weights.items():
+        if value < 0:
+            raise ValueError(f"model.{name}={value}: must be >= 0")
+    if ramp_fraction is not None and not 0.0 <= ramp_fraction <= 1.0:
+        raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
 
 
 # ------------------------------------------------------------------------------------------- batches

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..models import build_model
 from .base import SegmentationModule
-from .components import consistency_weight, split_batch
+from .components import check_weights, consistency_weight, split_batch
 
 InitScheme = Literal["kaiming", "xavier", "default"]
 
@@ -83,10 +83,7 @@ class CPS(SegmentationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if consistency < 0:
-            raise ValueError(f"model.consistency={consistency}: must be >= 0")
-        if not 0.0 <= ramp_fraction <= 1.0:
-            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        check_weights(ramp_fraction, consistency=consistency)
         hp = self.hparams
         self.net2 = build_model(hp.network, in_channels=hp.in_channels, num_classes=hp.num_classes,
                                 **(hp.network_kwargs or {}))

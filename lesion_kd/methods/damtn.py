@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.dss import DistributionAlignment
-from .components import consistency_weight, ramp, split_batch
+from .components import check_weights, consistency_weight, ramp, split_batch
 from .mean_teacher import MeanTeacher
 
 
@@ -38,8 +38,7 @@ class DAMTN(MeanTeacher):
 
     def __init__(self, align_weight: float = 0.1, align_momentum: float = 0.99, **kwargs) -> None:
         super().__init__(**kwargs)
-        if align_weight < 0:
-            raise ValueError(f"model.align_weight={align_weight}: must be >= 0")
+        check_weights(align_weight=align_weight)
         if not 0.0 <= align_momentum < 1.0:
             raise ValueError(f"model.align_momentum={align_momentum}: must be in [0, 1)")
         if self.hparams.num_classes != 2:

@@ -8,7 +8,7 @@ import torch
 
 from ..models.multihead import auxiliary_decoders, require_unet
 from .base import SegmentationModule
-from .components import consistency_weight, split_batch
+from .components import check_weights, consistency_weight, split_batch
 
 
 def sharpen(p: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -68,10 +68,9 @@ class MCNetPlus(SegmentationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if temperature <= 0 or consistency < 0:
-            raise ValueError("model.temperature must be > 0 and model.consistency >= 0")
-        if not 0.0 <= ramp_fraction <= 1.0:
-            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        if temperature <= 0:
+            raise ValueError(f"model.temperature={temperature}: must be > 0")
+        check_weights(ramp_fraction, consistency=consistency)
         net = require_unet(self.net, "MC-Net+")
         self.aux_decoders = auxiliary_decoders(net, aux_modes, self.hparams.num_classes)
 

@@ -7,7 +7,14 @@ from typing import Any
 import torch
 
 from .base import SegmentationModule
-from .components import EMATeacher, consistency_weight, softmax_mse, split_batch, teacher_input_noise
+from .components import (
+    EMATeacher,
+    check_weights,
+    consistency_weight,
+    softmax_mse,
+    split_batch,
+    teacher_input_noise,
+)
 
 
 class MeanTeacher(SegmentationModule):
@@ -49,10 +56,7 @@ class MeanTeacher(SegmentationModule):
         super().__init__(**kwargs)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"model.ema_decay={ema_decay}: must be in [0, 1)")
-        if consistency < 0 or noise_std < 0 or noise_clip < 0:
-            raise ValueError("model.consistency, model.noise_std and model.noise_clip must be >= 0")
-        if not 0.0 <= ramp_fraction <= 1.0:
-            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        check_weights(ramp_fraction, consistency=consistency, noise_std=noise_std, noise_clip=noise_clip)
         self.teacher = EMATeacher(self.net, buffers="own")
 
     def mt_losses(self, batch: dict) -> tuple[int, torch.Tensor, dict, torch.Tensor, torch.Tensor]:

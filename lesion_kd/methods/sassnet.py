@@ -13,7 +13,7 @@ from scipy import ndimage
 from torch.func import functional_call
 
 from .base import SegmentationModule
-from .components import AuxiliaryOptimizer, consistency_weight, split_batch
+from .components import AuxiliaryOptimizer, check_weights, consistency_weight, split_batch
 
 
 def signed_distance(mask: np.ndarray) -> np.ndarray:
@@ -130,10 +130,7 @@ class SASSNet(SegmentationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if beta < 0 or consistency < 0:
-            raise ValueError("model.beta and model.consistency must be >= 0")
-        if not 0.0 <= ramp_fraction <= 1.0:
-            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        check_weights(ramp_fraction, beta=beta, consistency=consistency)
         if d_lr <= 0 or d_channels < 1:
             raise ValueError("model.d_lr must be > 0 and model.d_channels >= 1")
         hp = self.hparams

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..losses import DSSLoss, PCKDLoss
 from ..losses.dss import ALIGN_STATS
 from .base import SegmentationModule
-from .components import ramp
+from .components import check_weights, ramp
 
 
 class _CachedEmbedding:
@@ -152,12 +152,8 @@ class SemiKDModule(SegmentationModule):
     ) -> None:
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
-        for name, v in (("lambda_kd", lambda_kd), ("lambda_dss", lambda_dss), ("beta", beta), ("gamma2", gamma2),
-                        ("gamma3", gamma3), ("map_relation_weight", map_relation_weight)):
-            if v < 0:
-                raise ValueError(f"model.{name}={v}: must be >= 0")
-        if not 0.0 <= ramp_fraction <= 1.0:
-            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        check_weights(ramp_fraction, lambda_kd=lambda_kd, lambda_dss=lambda_dss, beta=beta, gamma2=gamma2,
+                      gamma3=gamma3, map_relation_weight=map_relation_weight)
         if teacher == "medsam" and teacher_checkpoint is None and kd_mode != "none":
             raise ValueError("model.teacher_checkpoint: the medsam teacher needs a checkpoint file (e.g. medsam_vit_b.pth)")
         if teacher_checkpoint is not None and not Path(teacher_checkpoint).expanduser().is_file():

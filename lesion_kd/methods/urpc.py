@@ -8,7 +8,7 @@ import torch
 
 from ..models.multihead import DeepSupervisionHeads, decoder_pyramid, require_unet
 from .base import SegmentationModule
-from .components import FeaturePerturbation, consistency_weight, split_batch
+from .components import FeaturePerturbation, check_weights, consistency_weight, split_batch
 
 
 def rectified_pyramid_consistency(probs: Sequence[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
@@ -68,10 +68,7 @@ class URPC(SegmentationModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if consistency < 0:
-            raise ValueError(f"model.consistency={consistency}: must be >= 0")
-        if not 0.0 <= ramp_fraction <= 1.0:
-            raise ValueError(f"model.ramp_fraction={ramp_fraction}: must be in [0, 1]")
+        check_weights(ramp_fraction, consistency=consistency)
         net = require_unet(self.net, "URPC")
         ch = tuple(net.feature_channels)
         if len(ch) < 4:
