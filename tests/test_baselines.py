@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from lesion_kd.methods import BCP, CCT, CPS, UAMT, URPC, MCNetPlus, MeanTeacher
+from lesion_kd.methods import BCP, CCT, CPS, DAMTN, UAMT, URPC, BaPC, CauSSL, MCNetPlus, MeanTeacher, SASSNet
 from lesion_kd.methods.bcp import mix_loss
 from lesion_kd.methods.components import (
     EMATeacher,
@@ -37,6 +37,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\
 TINY = {"network": "unet", "network_kwargs": {"channels": [8, 16, 32, 64, 128]}}
 METHODS = {"mean_teacher": MeanTeacher, "ua_mt": UAMT, "urpc": URPC, "cct": CCT, "cps": CPS,
            "mcnet_plus": MCNetPlus, "bcp": BCP}
+# part 2 (tests/test_baselines_part2.py) shares this module's helpers and the every-method test below
+METHODS_PART2 = {"sassnet": SASSNet, "caussl": CauSSL, "bapc": BaPC, "damtn": DAMTN}
 
 
 def batch(n_lab: int = 2, n_unl: int = 2, size: int = 32, seed: int = 0) -> dict:
@@ -58,22 +60,24 @@ def tiny(cls, **kw):
 
 
 # ------------------------------------------------------------------------------------------ all methods
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(METHODS) + sorted(METHODS_PART2))
 def test_config_defaults_match_the_class_and_a_step_trains_every_trainable_parameter(name):
     cfg = yaml.safe_load((REPO / "experiments" / "method" / f"{name}.yaml").read_text())
-    cls = METHODS[name]
+    cls = {**METHODS, **METHODS_PART2}[name]
     assert cfg["model"]["class_path"] == f"lesion_kd.methods.{cls.__name__}"
     assert cls.method_name == name and cls.uses_unlabeled
-    init = {**cfg["model"]["init_args"], **TINY}
     torch.manual_seed(0)
-    m = cls(**init)
+    m = cls(**{**cfg["model"]["init_args"], **TINY})
     loss = m.training_step(batch(), 0)
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
     loss.backward()
     # DDP without find_unused_parameters needs a gradient for every trainable parameter in every step
     missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
-    assert all(p.grad is None for p in (m.teacher.parameters() if hasattr(m, "teacher") else []))
+    # frozen: an EMA teacher, or the other side of a min-max game (trained by its own optimiser)
+    frozen = [n for n, p in m.named_parameters() if not p.requires_grad]
+    assert all(n.startswith(("teacher.", "discriminator.", "predictors.")) for n in frozen), frozen
+    assert all(p.grad is None for n, p in m.named_parameters() if not p.requires_grad)
 
 
 def test_methods_without_unlabeled_images_fail_clearly():
