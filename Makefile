@@ -36,7 +36,7 @@ demo: install
 	  --config experiments/profile/$(PROFILE).yaml --data.labeled_fraction $(LABELS) --trainer.default_root_dir runs/demo
 
 # The comparison table, ablation, efficiency table and HTML report (experiments/reproduce/$(PROFILE).yaml):
-# runs every cell without a finished result, then writes table.md/.csv, ablation.md, efficiency.md, report.html.
+# runs every cell without a finished result, then writes table.md/.csv, ablation.md, efficiency.md, paired.md, report.html.
 reproduce-table: install
 	@test -n "$$LESION_KD_DATA" || { echo "set LESION_KD_DATA to the folder that holds Kvasir-SEG/ and BUSI/"; exit 1; }
 	$(VENV)/bin/lesion-kd reproduce-table --profile $(PROFILE) $(if $(OUT),--out $(OUT)) $(REPRODUCE_ARGS)

@@ -1,5 +1,5 @@
 """``reproduce-table``: the smoke manifest end to end through ``make reproduce-table`` on real Kvasir-SEG data (all
-five outputs; a second invocation runs nothing), a cell killed mid-run is not reported and is resumed, the report
+six outputs; a second invocation runs nothing), a cell killed mid-run is not reported and is resumed, the report
 renders in headless Chromium with its tables and images, and manifest mistakes are named."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from test_cli import REPO
 
 from lesion_kd.reporting.reproduce import ManifestError, load_manifest, select
 
-OUTPUTS = ("table.md", "table.csv", "ablation.md", "efficiency.md", "report.html")
+OUTPUTS = ("table.md", "table.csv", "ablation.md", "efficiency.md", "paired.md", "report.html")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -49,7 +49,7 @@ def smoke(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess
 
 
 @pytest.mark.slow
-def test_smoke_manifest_writes_the_five_outputs(smoke):
+def test_smoke_manifest_writes_every_output(smoke):
     tmp, proc = smoke
     assert "6 cells, 0 finished, 6 to run" in proc.stdout
     for name in OUTPUTS:
@@ -66,6 +66,10 @@ def test_smoke_manifest_writes_the_five_outputs(smoke):
     eff = (tmp / "report/efficiency.md").read_text()
     assert "| student (mamba_unet) | 64x64 | 1.334 |" in eff and "teacher (LiteMedSAM" in eff
     assert "the paper's Table 1" in (tmp / "report/table.md").read_text()
+    pairs = (tmp / "report/paired.md").read_text()  # the smoke grid's references: supervised, semikd_sup
+    for row in ("| mean_teacher | unet | supervised | 1 | ", "| semikd | mamba_unet | supervised | 1 | ",
+                "| semikd | mamba_unet | semikd_sup | 1 | ", "| semikd_sup | mamba_unet | supervised | 1 | "):
+        assert row in pairs, row
     page = (tmp / "report/report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<table>" in page and "http" not in page.split("<body>")[0]
 
@@ -147,6 +151,11 @@ def test_manifest_mistakes_are_named(tmp_path):
         load_manifest(manifest(tmp_path, sedes=[0]))
     with pytest.raises(ManifestError, match="no such manifest"):
         load_manifest(tmp_path / "nope.yaml")
+    with pytest.raises(ManifestError, match="method config 'supervized' not found"):
+        load_manifest(manifest(tmp_path, paired_references=["supervized"]))
+    with pytest.raises(ManifestError, match="'paired_references' must be a list of method names"):
+        load_manifest(manifest(tmp_path, paired_references="supervised"))
+    assert load_manifest(manifest(tmp_path)).paired_references == ["supervised", "semikd_sup"]
 
 
 def test_group_and_ablation_seeds_override_the_manifest_seeds(tmp_path):

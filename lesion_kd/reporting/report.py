@@ -1,5 +1,6 @@
 """The outputs of ``reproduce-table``: ``table.md``/``table.csv`` (the paper's Table 1 shape), ``ablation.md``,
-``efficiency.md`` and a self-contained ``report.html`` (tables, training curves and a qualitative grid as
+``efficiency.md``, ``paired.md`` (each method against its supervised-only run, image by image) and a
+self-contained ``report.html`` (tables, training curves and a qualitative grid as
 embedded PNGs, also written to ``figures/``), from the finished cells of a manifest."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.io import atomic_write_bytes
-from . import efficiency
+from . import efficiency, paired
 from .readme import METHOD_NAMES, NETWORK_NAMES  # display names shared with the README table
 from .reproduce import REPO, Cell, Manifest, cell_dir, is_finished, read_timing
 from .tables import aggregate, collect
@@ -38,6 +39,11 @@ ABLATION_ROWS = {"semikd_sup": "L_sup only", "semikd_featkd": "L_sup + plain fea
                  "semikd_map": "L_sup + L_map", "semikd_pckd": "L_sup + L_pckd", "semikd_dss": "L_sup + L_dss",
                  "semikd": "L_sup + L_pckd + L_dss (full method)"}
 QUALITATIVE_ROWS = 6
+
+
+def _cell_keys(m: Manifest) -> set[tuple]:
+    """(dataset, method, network, labels, seed) of every cell of the manifest."""
+    return {(c.dataset, c.method, c.network, c.labels, c.seed) for c in m.cells}
 
 
 def _cells_rows(m: Manifest, part: str) -> tuple[list[dict], list[Cell]]:
@@ -418,7 +424,7 @@ def report_html(m: Manifest, sections: list[tuple[str, str]], figures: list[tupl
 
 
 def write_outputs(m: Manifest) -> list[Path]:
-    """Write the five outputs (and figures/*.png) to ``m.out``; returns their paths."""
+    """Write the six outputs (and figures/*.png) to ``m.out``; returns their paths."""
     out = m.out
     out.mkdir(parents=True, exist_ok=True)
     table_agg, table_missing = _cells_rows(m, "table")
@@ -427,7 +433,9 @@ def write_outputs(m: Manifest) -> list[Path]:
     eff_doc = efficiency.load_or_measure(m.results, eff.get("size", 256), eff.get("batch", 8), eff.get("repeats", 5))
     texts = {"table.md": table_markdown(m, table_agg, table_missing), "table.csv": table_csv(table_agg),
              "ablation.md": ablation_markdown(m, abl_agg, abl_missing),
-             "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc, efficiency.load_gpu(m.results))}"}
+             "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc, efficiency.load_gpu(m.results))}",
+             "paired.md": paired.markdown(paired.comparisons(m.results, m.paired_references, keep=_cell_keys(m)),
+                                          m.profile)}
     table_cells = [c for c in m.cells if c.part == "table"]
     qual, notes = qualitative_figure(m, table_cells)
     figures = [("Test Dice per method", dice_figure(table_agg), "mean ± std over seeds"),

@@ -1,5 +1,5 @@
 """``lesion-kd reproduce-table``: run every cell of a manifest that has no finished result, then write the
-comparison table, the ablation table, the efficiency table and an HTML report.
+comparison table, the ablation table, the efficiency table, paired per-image comparisons and an HTML report.
 
     lesion-kd reproduce-table --profile smoke --out runs/reproduce/smoke/report     # CI: minutes
     lesion-kd reproduce-table --profile cpu --only dataset=kvasir-seg                # the real comparison
@@ -74,6 +74,8 @@ class Manifest:
     # minutes one run of a method (or of "method-network") is projected to take, for the cells of methods with
     # no finished run to time yet (e.g. from benchmarks/bench_cells.py); the measured walls take precedence
     projected_minutes: dict[str, float] = field(default_factory=dict)
+    # the methods every method is compared with, image by image, in paired.md (lesion_kd.reporting.paired)
+    paired_references: list[str] = field(default_factory=lambda: ["supervised"])
 
 
 def _default_network(method_config: Path) -> str:
@@ -125,7 +127,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         return p
 
     unknown = set(doc) - {"profile", "results", "runs", "out", "datasets", "seeds", "table", "ablation",
-                          "efficiency", "fit_args", "budget", "projected_minutes"}
+                          "efficiency", "fit_args", "budget", "projected_minutes", "paired_references"}
     if unknown:
         raise ManifestError(f"{path}: unknown keys {sorted(unknown)}")
     profile = need("profile", str)
@@ -185,6 +187,11 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
             raise ManifestError(f"{path}: projected_minutes: {k!r} is no method (or method-network) of the grid")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise ManifestError(f"{path}: projected_minutes: {k!r} must be a positive number of minutes, got {v!r}")
+    references = doc.get("paired_references", ["supervised"])
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise ManifestError(f"{path}: 'paired_references' must be a list of method names, got {references!r}")
+    for r in references:  # a method the grid does not run (here) just gives no rows; a typo is an error
+        config("method", r)
     unique: dict[str, Cell] = {}
     for c in cells:  # the full method is both a table row and an ablation row: one run
         unique.setdefault(c.key, c)
@@ -192,7 +199,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
                     runs=_resolve(doc.get("runs", f"runs/reproduce/{path.stem}/runs")),
                     out=_resolve(doc.get("out", f"runs/reproduce/{path.stem}/report")), cells=list(unique.values()),
                     ablation=ablation, efficiency=doc.get("efficiency") or {}, fit_args=[str(a) for a in doc.get("fit_args", [])],
-                    budget=str(doc.get("budget", "")), projected_minutes={k: float(v) for k, v in projected.items()})
+                    budget=str(doc.get("budget", "")), projected_minutes={k: float(v) for k, v in projected.items()},
+                    paired_references=references)
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
@@ -360,7 +368,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--profile", default="smoke",
                    help="manifest experiments/reproduce/<PROFILE>.yaml (smoke, cpu, paper) or a path to a manifest")
     p.add_argument("--out", default=None, help="folder for table.md, table.csv, ablation.md, efficiency.md, "
-                                               "report.html (default: the manifest's 'out')")
+                                               "paired.md, report.html (default: the manifest's 'out')")
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="run only the matching cells (repeatable; KEY: part, dataset, labels, method, network, "
                         "seed; VALUE may list several, comma-separated); the tables show every finished cell")

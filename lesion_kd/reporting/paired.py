@@ -1,0 +1,138 @@
+"""Paired comparisons on the same test images: is a method's gain over a reference run more than noise?
+
+A table row's mean Dice over ~100 test images moves by a point or two from seed to seed, so two rows a few
+points apart need a test that uses the pairing: both runs segmented the *same* images. For each method and
+each reference method (by default ``supervised``) of the same dataset, label fraction and network, over
+the seeds both have finished::
+
+    d_i = 1/S sum_s (Dice_method,s(image i) - Dice_reference,s(image i))     per test image i, S common seeds
+    mean d, its 95% bootstrap confidence interval (percentile, 10 000 resamples of the images, seeded),
+    the Wilcoxon signed-rank p-value of the d_i (two-sided), and the share of images the method wins
+
+and the same for HD95 (lower is better: a negative difference is a gain). Statistics from
+``scipy.stats`` (``bootstrap``, ``wilcoxon``); only the pairing of per-image results is ours. The per-image
+values are those ``lesion-kd test`` wrote to each cell's ``metrics.json`` (``per_image``). A p-value is
+per comparison, not corrected for the number of rows compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .tables import CELL
+
+RESAMPLES = 10_000
+
+
+def load_per_image(root: str | Path) -> dict[tuple, dict[int, dict[str, dict[str, float]]]]:
+    """(dataset, labels, method, network) -> seed -> image id -> {"dice", "hd95", ...} for every finished cell
+    under ``root`` whose ``metrics.json`` has per-image results."""
+    out: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for path in sorted(Path(root).glob("*/*/metrics.json")):
+        m = CELL.match(path.parent.name)
+        if not m:
+            continue
+        per_image = json.loads(path.read_text()).get("per_image")
+        if per_image:
+            key = (path.parent.parent.name, int(m["labels"]) / 100, m["method"], m["network"])
+            out[key][int(m["seed"])] = per_image
+    return dict(out)
+
+
+def paired_differences(
+    runs: dict[int, dict[str, dict[str, float]]], reference: dict[int, dict[str, dict[str, float]]], metric: str
+) -> tuple[np.ndarray, list[int]]:
+    """Per-image differences ``runs - reference`` of ``metric``, averaged over the seeds both have, on the
+    images both have (finite values only): (d (n_images,), the common seeds)."""
+    seeds = sorted(set(runs) & set(reference))
+    if not seeds:
+        return np.zeros(0), []
+    images = sorted(set.intersection(*(set(runs[s]) & set(reference[s]) for s in seeds)))
+    d = np.array([[runs[s][i][metric] - reference[s][i][metric] for i in images] for s in seeds], dtype=float)
+    d = d[:, np.isfinite(d).all(axis=0)]
+    return d.mean(axis=0), seeds
+
+
+def summarise(d: np.ndarray, seed: int = 0) -> dict:
+    """Mean of paired differences ``d``, its 95% percentile-bootstrap interval, the two-sided Wilcoxon
+    signed-rank p-value (1.0 when every difference is 0) and the share of positive differences."""
+    if d.size < 2:
+        raise ValueError(f"a paired comparison needs at least 2 images, got {d.size}")
+    ci = stats.bootstrap((d,), np.mean, n_resamples=RESAMPLES, confidence_level=0.95, method="percentile",
+                         rng=np.random.default_rng(seed)).confidence_interval
+    p = 1.0 if not np.any(d) else float(stats.wilcoxon(d).pvalue)
+    return {"mean": float(d.mean()), "ci_low": float(ci.low), "ci_high": float(ci.high), "p": p,
+            "positive": float((d > 0).mean()), "n": int(d.size)}
+
+
+def comparisons(
+    root: str | Path, references: tuple[str, ...] | list[str] = ("supervised",), keep: set[tuple] | None = None
+) -> list[dict]:
+    """Every (method, reference) pair of the same dataset, labels and network with common seeds: one row each
+    with the Dice difference in points (``dice_*``), the HD95 difference in pixels (``hd95_*``) and the
+    share of images the method wins on Dice (``wins``). A reference is compared only with the references
+    listed before it (``supervised`` against ``semikd_sup``, not both ways round). ``keep``: only the cells
+    whose (dataset, method, network, labels, seed) is in it (a manifest's cells)."""
+    data = load_per_image(root)
+    if keep is not None:
+        data = {k: kept for k, runs in data.items()
+                if (kept := {s: v for s, v in runs.items() if (k[0], k[2], k[3], k[1], s) in keep})}
+    references = list(references)
+    rows = []
+    for (dataset, labels, method, network), runs in sorted(data.items()):
+        for ref in references:
+            if method in references and references.index(method) <= references.index(ref):
+                continue
+            if (dataset, labels, ref, network) not in data:
+                continue
+            reference = data[(dataset, labels, ref, network)]
+            dice, seeds = paired_differences(runs, reference, "dice")
+            if dice.size < 2:
+                continue
+            hd95, _ = paired_differences(runs, reference, "hd95")
+            ds, hs = summarise(dice * 100), summarise(hd95)
+            rows.append({
+                "dataset": dataset, "labels": labels, "method": method, "network": network, "reference": ref,
+                "seeds": len(seeds), "images": ds["n"], "wins": ds["positive"],
+                **{f"dice_{k}": ds[k] for k in ("mean", "ci_low", "ci_high", "p")},
+                **{f"hd95_{k}": hs[k] for k in ("mean", "ci_low", "ci_high", "p")},
+            })
+    return rows
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 1e-3 else f"{p:.3f}"
+
+
+def markdown(rows: list[dict], profile: str = "") -> str:
+    """The comparisons as a Markdown table, one row per (method, reference)."""
+    lines = [f"# Paired comparisons on the same test images{f' ({profile} profile)' if profile else ''}", "",
+             "Each method against the supervised-only run of the same network (and other references the manifest "
+             "names), on the same test images and seeds: the mean per-image difference (method minus reference; "
+             "per-image differences averaged over the common seeds first), its 95% bootstrap interval over the "
+             "images, the two-sided Wilcoxon signed-rank p-value (not corrected for the number of rows), and the "
+             "share of images on which the method's Dice is higher. HD95: negative is better.", ""]
+    if not rows:
+        return "\n".join(lines + ["No pair of finished cells to compare yet.", ""])
+    lines += ["| dataset | labels | method | network | against | seeds | images | ΔDice (points) [95% CI] | p | "
+              "wins | ΔHD95 px [95% CI] | p |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {r['method']} | {r['network']} | {r['reference']} | "
+            f"{r['seeds']} | {r['images']} | {r['dice_mean']:+.2f} [{r['dice_ci_low']:+.2f}, {r['dice_ci_high']:+.2f}] | "
+            f"{_p(r['dice_p'])} | {r['wins'] * 100:.0f}% | {r['hd95_mean']:+.2f} [{r['hd95_ci_low']:+.2f}, "
+            f"{r['hd95_ci_high']:+.2f}] | {_p(r['hd95_p'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m lesion_kd.reporting.paired experiments/results/cpu [reference ...]
+    import sys
+
+    root = sys.argv[1] if len(sys.argv) > 1 else "experiments/results/cpu"
+    refs = tuple(sys.argv[2:]) or ("supervised",)
+    print(markdown(comparisons(root, refs)))

@@ -1,0 +1,104 @@
+"""Paired per-image comparisons (lesion_kd.reporting.paired) on synthetic per-image results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lesion_kd.reporting import paired
+
+
+def write_cell(root: Path, name: str, dice: list[float], hd95: list[float] | None = None, dataset: str = "kvasir-seg",
+               ids: list[str] | None = None) -> None:
+    ids = ids or [f"img{i:03d}" for i in range(len(dice))]
+    hd95 = hd95 if hd95 is not None else [10.0] * len(dice)
+    per_image = {i: {"dice": d, "iou": d, "hd95": h, "asd": h / 3} for i, d, h in zip(ids, dice, hd95, strict=True)}
+    doc = {k: {"mean": float(np.mean([v[k] for v in per_image.values()])), "std": 0.0} for k in ("dice", "iou", "hd95", "asd")}
+    cell = root / dataset / name
+    cell.mkdir(parents=True)
+    (cell / "metrics.json").write_text(json.dumps({**doc, "n_images": len(ids), "per_image": per_image}))
+
+
+def rng_dice(seed: int, n: int = 60) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.2, 0.9, n)
+
+
+def test_a_method_better_on_every_image_has_its_gain_inside_a_tight_interval_and_a_small_p(tmp_path):
+    base = rng_dice(0)
+    gain = np.random.default_rng(1).uniform(0.02, 0.06, base.size)  # 2-6 points on every image
+    write_cell(tmp_path, "supervised-unet-10pct-seed0", list(base), [20.0] * base.size)
+    write_cell(tmp_path, "mean_teacher-unet-10pct-seed0", list(base + gain), [15.0] * base.size)
+    (row,) = paired.comparisons(tmp_path)
+    assert (row["method"], row["reference"], row["seeds"], row["images"]) == ("mean_teacher", "supervised", 1, 60)
+    assert row["dice_mean"] == pytest.approx(gain.mean() * 100)
+    assert 2 < row["dice_ci_low"] < row["dice_mean"] < row["dice_ci_high"] < 6
+    assert row["dice_p"] < 1e-6 and row["wins"] == 1.0
+    assert row["hd95_mean"] == pytest.approx(-5.0) and row["hd95_ci_low"] == row["hd95_ci_high"] == pytest.approx(-5.0)
+
+
+def test_noise_around_zero_is_not_a_gain(tmp_path):
+    base = rng_dice(0, 200)
+    noise = np.random.default_rng(2).normal(0, 0.05, base.size)
+    noise -= noise.mean()  # exactly no gain on average
+    write_cell(tmp_path, "supervised-unet-10pct-seed0", list(base))
+    write_cell(tmp_path, "cps-unet-10pct-seed0", list(base + noise))
+    (row,) = paired.comparisons(tmp_path)
+    assert row["dice_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert row["dice_ci_low"] < 0 < row["dice_ci_high"] and row["dice_p"] > 0.2
+
+
+def test_identical_runs_differ_by_zero_with_p_one(tmp_path):
+    base = list(rng_dice(3))
+    write_cell(tmp_path, "supervised-unet-10pct-seed0", base)
+    write_cell(tmp_path, "ua_mt-unet-10pct-seed0", base)
+    (row,) = paired.comparisons(tmp_path)
+    assert row["dice_mean"] == 0 and row["dice_p"] == 1.0 and row["wins"] == 0.0
+
+
+def test_differences_are_averaged_over_the_common_seeds_on_the_common_images(tmp_path):
+    ids = ["a", "b", "c", "d"]
+    write_cell(tmp_path, "supervised-mamba_unet-10pct-seed0", [0.5, 0.5, 0.5, 0.5], ids=ids)
+    write_cell(tmp_path, "supervised-mamba_unet-10pct-seed1", [0.4, 0.4, 0.4, 0.4], ids=ids)
+    write_cell(tmp_path, "supervised-mamba_unet-10pct-seed2", [0.0, 0.0, 0.0, 0.0], ids=ids)  # no method seed 2
+    write_cell(tmp_path, "semikd-mamba_unet-10pct-seed0", [0.6, 0.7, 0.5, 0.9], ids=ids)
+    write_cell(tmp_path, "semikd-mamba_unet-10pct-seed1", [0.6, 0.5, 0.4, 0.9], ids=["a", "b", "c", "e"])
+    d, seeds = paired.paired_differences(
+        paired.load_per_image(tmp_path)[("kvasir-seg", 0.1, "semikd", "mamba_unet")],
+        paired.load_per_image(tmp_path)[("kvasir-seg", 0.1, "supervised", "mamba_unet")], "dice")
+    assert seeds == [0, 1]
+    # images a, b, c (d is missing from seed 1): ((0.1 + 0.2) / 2, (0.2 + 0.1) / 2, (0.0 + 0.0) / 2)
+    np.testing.assert_allclose(d, [0.15, 0.15, 0.0])
+    (row,) = paired.comparisons(tmp_path)
+    assert row["seeds"] == 2 and row["images"] == 3 and row["dice_mean"] == pytest.approx(10.0)
+
+
+def test_pairs_only_within_dataset_labels_and_network_and_references_one_way(tmp_path):
+    base = rng_dice(4)
+    for name in ("supervised-unet-10pct-seed0", "supervised-mamba_unet-10pct-seed0", "semikd_sup-mamba_unet-10pct-seed0",
+                 "semikd-mamba_unet-10pct-seed0", "semikd-mamba_unet-20pct-seed0", "mean_teacher-unet-10pct-seed0"):
+        write_cell(tmp_path, name, list(base + 0.01 * len(name) % 0.05))
+    rows = paired.comparisons(tmp_path, ["supervised", "semikd_sup"])
+    pairs = {(r["method"], r["network"], r["labels"], r["reference"]) for r in rows}
+    assert pairs == {("mean_teacher", "unet", 0.1, "supervised"), ("semikd", "mamba_unet", 0.1, "supervised"),
+                     ("semikd", "mamba_unet", 0.1, "semikd_sup"), ("semikd_sup", "mamba_unet", 0.1, "supervised")}
+    # a manifest's cells only
+    keep = {("kvasir-seg", "supervised", "unet", 0.1, 0), ("kvasir-seg", "mean_teacher", "unet", 0.1, 0)}
+    assert [(r["method"], r["reference"]) for r in paired.comparisons(tmp_path, keep=keep)] == [("mean_teacher", "supervised")]
+
+
+def test_markdown_shows_signed_differences_intervals_and_p_values(tmp_path):
+    base = rng_dice(5)
+    write_cell(tmp_path, "supervised-unet-10pct-seed0", list(base))
+    write_cell(tmp_path, "bcp-unet-10pct-seed0", list(base - 0.03))
+    md = paired.markdown(paired.comparisons(tmp_path), "cpu")
+    assert md.startswith("# Paired comparisons on the same test images (cpu profile)")
+    assert "| kvasir-seg | 10% | bcp | unet | supervised | 1 | 60 | -3.00 [-3.00, -3.00] | < 0.001 | 0% |" in md
+    assert "No pair" in paired.markdown([])
+
+
+def test_a_single_image_is_no_comparison():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        paired.summarise(np.array([0.1]))
