@@ -102,3 +102,16 @@ def test_markdown_shows_signed_differences_intervals_and_p_values(tmp_path):
 def test_a_single_image_is_no_comparison():
     with pytest.raises(ValueError, match="at least 2 images"):
         paired.summarise(np.array([0.1]))
+
+
+def test_the_forest_plot_draws_every_comparison(tmp_path):
+    from lesion_kd.reporting.report import paired_figure
+
+    base = rng_dice(6)
+    write_cell(tmp_path, "supervised-unet-10pct-seed0", list(base))
+    write_cell(tmp_path, "cct-unet-10pct-seed0", list(base - 0.05))
+    write_cell(tmp_path, "supervised-unet-10pct-seed0", list(base), dataset="busi")
+    write_cell(tmp_path, "cct-unet-10pct-seed0", list(base + 0.01), dataset="busi")
+    png = paired_figure(paired.comparisons(tmp_path))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert paired_figure([]) is None

@@ -71,7 +71,7 @@ def test_smoke_manifest_writes_every_output(smoke):
                 "| semikd | mamba_unet | semikd_sup | 1 | ", "| semikd_sup | mamba_unet | supervised | 1 | "):
         assert row in pairs, row
     page = (tmp / "report/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<table>" in page and "http" not in page.split("<body>")[0]
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page and "http" not in page.split("<body>")[0]
 
 
 @pytest.mark.slow
@@ -93,8 +93,8 @@ def test_report_renders_in_headless_chromium_with_tables_and_images(smoke, tmp_p
     url = (tmp / "report/report.html").as_uri()
     dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--virtual-time-budget=10000",
                           "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert 'data-images-loaded="3"' in dom  # the three figures decoded after load
-    assert dom.count("<table>") >= 4 and "semikd" in dom and "Qualitative examples" in dom
+    assert 'data-images-loaded="4"' in dom  # the four figures decoded after load
+    assert dom.count("<table>") >= 4 and "semikd" in dom and "Qualitative examples" in dom and "Paired comparisons" in dom
     shot = tmp_path / "report.png"
     subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1280,2400",
                     f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)

@@ -190,6 +190,50 @@ def dice_figure(agg: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def paired_figure(rows: list[dict]) -> bytes | None:
+    """A forest plot of ``paired.comparisons``: per (dataset, labels, reference) panel, each method's mean
+    per-image Dice difference with its 95% bootstrap interval, a line at 0 (no difference); filled where the
+    interval excludes 0 and the Wilcoxon p < 0.05, open otherwise. Whether a row's gain over supervised-only
+    is more than noise on these test images reads off the plot."""
+    if not rows:
+        return None
+    plt = _plt()
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dataset"], r["labels"], r["reference"])].append(r)
+    keys = sorted(groups)
+    sizes = [len(groups[k]) for k in keys]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(11, 0.9 * len(keys) + 0.3 * sum(sizes)), squeeze=False,
+                             gridspec_kw={"height_ratios": [n + 1.5 for n in sizes]}, sharex=True)
+    for ax, key in zip(axes[:, 0], keys, strict=True):
+        rs = sorted(groups[key], key=lambda r: -r["dice_mean"])
+        y = np.arange(len(rs))
+        for yi, r in zip(y, rs, strict=True):
+            clear = (r["dice_ci_low"] > 0 or r["dice_ci_high"] < 0) and r["dice_p"] < 0.05
+            colour = "#c44e52" if r["method"] == "semikd" else "#4c72b0"
+            ax.plot([r["dice_ci_low"], r["dice_ci_high"]], [yi, yi], color=colour, lw=2)
+            ax.plot(r["dice_mean"], yi, "o", color=colour, mfc=colour if clear else "white", ms=6)
+            p = "p < 0.001" if r["dice_p"] < 1e-3 else f"p = {r['dice_p']:.3f}" if r["dice_p"] < 0.01 else f"p = {r['dice_p']:.2f}"
+            seeds = f"{r['seeds']} seed" + ("s" if r["seeds"] > 1 else "")
+            # right of the panel, clear of the intervals
+            ax.text(1.01, yi, f"{r['dice_mean']:+.1f} [{r['dice_ci_low']:+.1f}, {r['dice_ci_high']:+.1f}], {p}, {seeds}",
+                    va="center", fontsize=7, transform=ax.get_yaxis_transform())
+        ax.axvline(0, color="#555", lw=1, ls="--")
+        names = [f"{METHOD_NAMES.get(r['method'], r['method']).replace('**', '')} · "
+                 f"{NETWORK_NAMES.get(r['network'], (r['network'],))[0]}" for r in rs]
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()
+        ref = "supervised only" if key[2] == "supervised" else METHOD_NAMES.get(key[2], key[2]).replace("**", "")
+        ax.set_title(f"{key[0]}, {key[1] * 100:.0f}% labels: against {ref} (same network)", fontsize=10, loc="left")
+    lo = min(r["dice_ci_low"] for r in rows)
+    hi = max(r["dice_ci_high"] for r in rows)
+    axes[-1, 0].set_xlim(min(lo - 1, -5), max(hi + 1, 5))
+    axes[-1, 0].set_xlabel("per-image test Dice difference (points), 95% bootstrap interval; "
+                           "filled: excludes 0 and Wilcoxon p < 0.05")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def val_dice_series(m: Manifest, c: Cell) -> list[tuple[int, float]]:
     """(step, validation Dice) of a finished cell, from its metrics.csv (empty: none logged)."""
     path = cell_dir(m, c) / "metrics.csv"
@@ -434,7 +478,7 @@ def write_outputs(m: Manifest) -> list[Path]:
     texts = {"table.md": table_markdown(m, table_agg, table_missing), "table.csv": table_csv(table_agg),
              "ablation.md": ablation_markdown(m, abl_agg, abl_missing),
              "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc, efficiency.load_gpu(m.results))}",
-             "paired.md": paired.markdown(paired.comparisons(m.results, m.paired_references, keep=_cell_keys(m)),
+             "paired.md": paired.markdown(pairs := paired.comparisons(m.results, m.paired_references, keep=_cell_keys(m)),
                                           m.profile)}
     table_cells = [c for c in m.cells if c.part == "table"]
     qual, notes = qualitative_figure(m, table_cells)
@@ -442,13 +486,16 @@ def write_outputs(m: Manifest) -> list[Path]:
                ("Training curves", curves_figure(m, table_cells + [c for c in m.cells if c.part == "ablation"]),
                 "validation Dice during training, from each cell's metrics.csv: the mean over a method's seeds, "
                 "their range shaded"),
+               ("Paired comparisons", paired_figure(pairs),
+                "each method against the supervised-only run of its network (and the manifest's other references) "
+                "on the same test images and seeds: paired.md"),
                ("Qualitative examples", qual, "green: ground truth; red: prediction. " + " ".join(notes))]
     paths = []
     for name, text in texts.items():
         atomic_write_bytes(out / name, text.encode())
         paths.append(out / name)
     (out / "figures").mkdir(exist_ok=True)
-    for (_title, png, _), name in zip(figures, ("dice.png", "curves.png", "qualitative.png"), strict=True):
+    for (_title, png, _), name in zip(figures, ("dice.png", "curves.png", "paired.png", "qualitative.png"), strict=True):
         if png is not None:
             atomic_write_bytes(out / "figures" / name, png)
     page = report_html(m, [(k, v) for k, v in texts.items() if k.endswith(".md")], figures)
