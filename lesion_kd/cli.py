@@ -23,6 +23,8 @@ SUITE_COMMANDS: dict[str, tuple[str, str]] = {
     "reproduce-table": ("lesion_kd.reporting.reproduce:main",
                         "run every unfinished cell of a manifest, then the comparison/ablation/efficiency tables and report"),
     "segment": ("lesion_kd.commands.segment:main", "masks, overlays and segments.csv for a folder of images (ONNX, TorchScript, .ckpt)"),
+    "compare": ("lesion_kd.commands.compare:main",
+                "paired test of two models on the same test images: Dice/HD95 difference, 95% CI, Wilcoxon p"),
 }
 
 HELP = """usage: lesion-kd COMMAND [options]

@@ -44,7 +44,7 @@ def smoke_run(tmp_path_factory, data_dir) -> Path:
 
 def test_help_lists_subcommands():
     out = lesion_kd("--help").stdout
-    for cmd in ("fit", "validate", "test", "predict", "cache-teacher"):
+    for cmd in ("fit", "validate", "test", "predict", "cache-teacher", "reproduce-table", "compare"):
         assert f"  {cmd}" in out
 
 

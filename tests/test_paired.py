@@ -115,3 +115,44 @@ def test_the_forest_plot_draws_every_comparison(tmp_path):
     png = paired_figure(paired.comparisons(tmp_path))
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert paired_figure([]) is None
+
+
+# ------------------------------------------------------------------------------------------ lesion-kd compare
+def test_compare_command_pairs_seeds_in_order_and_writes_json(tmp_path, capsys):
+    from lesion_kd.commands.compare import main
+
+    base = rng_dice(7)
+    for s, shift in enumerate((0.02, 0.04)):
+        write_cell(tmp_path, f"supervised-unet-10pct-seed{s}", list(base))
+        write_cell(tmp_path, f"bcp-unet-10pct-seed{s}", list(base + shift), [8.0] * base.size)
+    cells = tmp_path / "kvasir-seg"
+    out = tmp_path / "cmp.json"
+    rc = main(["--runs", str(cells / "bcp-unet-10pct-seed0"), str(cells / "bcp-unet-10pct-seed1" / "metrics.json"),
+               "--against", str(cells / "supervised-unet-10pct-seed0"), str(cells / "supervised-unet-10pct-seed1"),
+               "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "60 test images, 2 seed(s)" in printed and "Dice  +3.00 points" in printed and "HD95  -2.00 px" in printed
+    doc = json.loads(out.read_text())
+    assert doc["dice_points"]["mean"] == pytest.approx(3.0) and doc["wins"] == 1.0 and doc["seeds"] == 2
+
+
+def test_compare_command_names_the_bad_input(tmp_path, capsys):
+    from lesion_kd.commands.compare import main
+
+    write_cell(tmp_path, "a-unet-10pct-seed0", [0.5, 0.6], ids=["x", "y"])
+    write_cell(tmp_path, "b-unet-10pct-seed0", [0.5, 0.6], ids=["z", "w"])
+    (tmp_path / "no_per_image.json").write_text(json.dumps({"dice": {"mean": 0.5}}))
+    (tmp_path / "broken.json").write_text("{")
+    cells = tmp_path / "kvasir-seg"
+    cases = [
+        (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(tmp_path / "nope")], "nope: no such file"),
+        (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(tmp_path / "no_per_image.json")], "no per-image results"),
+        (["--runs", str(tmp_path / "broken.json"), "--against", str(cells / "a-unet-10pct-seed0")], "broken.json: not JSON"),
+        (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(cells / "b-unet-10pct-seed0")], "no test image in common"),
+        (["--runs", str(cells / "a-unet-10pct-seed0"), str(cells / "a-unet-10pct-seed0"), "--against",
+          str(cells / "b-unet-10pct-seed0")], "as many results each"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err, message

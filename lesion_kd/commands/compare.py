@@ -1,0 +1,95 @@
+"""``lesion-kd compare``: is one model better than another on the same test images, beyond noise?
+
+    lesion-kd compare --runs results/kvasir-seg/semikd-mamba_unet-10pct-seed{0,1,2} \\
+                      --against results/kvasir-seg/supervised-mamba_unet-10pct-seed{0,1,2}
+
+Each argument is a ``metrics.json`` written by ``lesion-kd test`` (or the folder holding it), with per-image
+results; several are seeds, paired in the order given (the i-th run with the i-th reference). Prints the mean
+per-image Dice difference (points) and HD95 difference (pixels) with 95% bootstrap intervals, the Wilcoxon
+signed-rank p-values and the share of images won (:mod:`lesion_kd.reporting.paired`, the statistics of
+``reproduce-table``'s ``paired.md``); ``--json FILE`` also writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..data.io import atomic_write_bytes
+from ..reporting.paired import paired_differences, summarise
+
+
+class CompareError(ValueError):
+    """An input that cannot be compared; the message names the file."""
+
+
+def load_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """Per-image results of one test run: ``metrics.json`` or a folder holding it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.json"
+    if not p.is_file():
+        raise CompareError(f"{p}: no such file (give a metrics.json written by `lesion-kd test`, or its folder)")
+    try:
+        doc = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CompareError(f"{p}: not JSON ({e})") from e
+    per_image = doc.get("per_image") if isinstance(doc, dict) else None
+    if not per_image:
+        raise CompareError(f"{p}: no per-image results ('per_image'): was it written by `lesion-kd test`?")
+    return per_image
+
+
+def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
+    """Paired comparison of ``runs`` (seeds) with ``against`` (the same seeds, same order)."""
+    if not runs or len(runs) != len(against):
+        raise CompareError(f"--runs and --against must name as many results each (seeds, paired in order): "
+                           f"got {len(runs)} and {len(against)}")
+    a = {i: load_run(p) for i, p in enumerate(runs)}
+    b = {i: load_run(p) for i, p in enumerate(against)}
+    for i in a:
+        if not set(a[i]) & set(b[i]):
+            raise CompareError(f"{runs[i]} and {against[i]}: no test image in common: not the same test set")
+    dice, _ = paired_differences(a, b, "dice")
+    hd95, _ = paired_differences(a, b, "hd95")
+    ds, hs = summarise(dice * 100), summarise(hd95)
+    return {"seeds": len(runs), "images": ds["n"], "wins": ds["positive"],
+            "dice_points": {k: ds[k] for k in ("mean", "ci_low", "ci_high", "p")},
+            "hd95_px": {k: hs[k] for k in ("mean", "ci_low", "ci_high", "p")}}
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 1e-3 else f"p = {p:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lesion-kd compare", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--runs", nargs="+", required=True, metavar="RESULT",
+                    help="the model's test results (metrics.json or its folder), one per seed")
+    ap.add_argument("--against", nargs="+", required=True, metavar="RESULT",
+                    help="the reference's test results, the same seeds in the same order")
+    ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the comparison as JSON")
+    args = ap.parse_args(argv)
+    try:
+        out = compare(args.runs, args.against)
+    except (CompareError, ValueError) as e:
+        print(f"lesion-kd compare: {e}", file=sys.stderr)
+        return 2
+    d, h = out["dice_points"], out["hd95_px"]
+    print(f"{out['images']} test images, {out['seeds']} seed(s), per-image differences (runs minus against; "
+          "averaged over seeds first):")
+    print(f"  Dice  {d['mean']:+.2f} points, 95% CI [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], Wilcoxon {_p(d['p'])}; "
+          f"higher on {out['wins'] * 100:.0f}% of the images")
+    print(f"  HD95  {h['mean']:+.2f} px (negative: closer boundaries), 95% CI [{h['ci_low']:+.2f}, {h['ci_high']:+.2f}], "
+          f"Wilcoxon {_p(h['p'])}")
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(out, indent=1) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
