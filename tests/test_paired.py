@@ -144,6 +144,8 @@ def test_compare_command_names_the_bad_input(tmp_path, capsys):
     write_cell(tmp_path, "b-unet-10pct-seed0", [0.5, 0.6], ids=["z", "w"])
     (tmp_path / "no_per_image.json").write_text(json.dumps({"dice": {"mean": 0.5}}))
     (tmp_path / "broken.json").write_text("{")
+    original = json.loads((tmp_path / "kvasir-seg/a-unet-10pct-seed0/metrics.json").read_text())
+    (tmp_path / "original.json").write_text(json.dumps({**original, "resolution": "original"}))
     cells = tmp_path / "kvasir-seg"
     cases = [
         (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(tmp_path / "nope")], "nope: no such file"),
@@ -152,6 +154,8 @@ def test_compare_command_names_the_bad_input(tmp_path, capsys):
         (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(cells / "b-unet-10pct-seed0")], "no test image in common"),
         (["--runs", str(cells / "a-unet-10pct-seed0"), str(cells / "a-unet-10pct-seed0"), "--against",
           str(cells / "b-unet-10pct-seed0")], "as many results each"),
+        (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(tmp_path / "original.json")],
+         "measured at different resolutions (model, original)"),
     ]
     for argv, message in cases:
         assert main(argv) == 2

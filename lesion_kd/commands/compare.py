@@ -25,8 +25,9 @@ class CompareError(ValueError):
     """An input that cannot be compared; the message names the file."""
 
 
-def load_run(path: str | Path) -> dict[str, dict[str, float]]:
-    """Per-image results of one test run: ``metrics.json`` or a folder holding it."""
+def load_run(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
+    """Per-image results of one test run (``metrics.json`` or a folder holding it) and the grid its distances
+    were measured on (``resolution``: ``model`` or ``original``)."""
     p = Path(path)
     if p.is_dir():
         p = p / "metrics.json"
@@ -39,7 +40,7 @@ def load_run(path: str | Path) -> dict[str, dict[str, float]]:
     per_image = doc.get("per_image") if isinstance(doc, dict) else None
     if not per_image:
         raise CompareError(f"{p}: no per-image results ('per_image'): was it written by `lesion-kd test`?")
-    return per_image
+    return per_image, str(doc.get("resolution", "model"))
 
 
 def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
@@ -47,8 +48,13 @@ def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
     if not runs or len(runs) != len(against):
         raise CompareError(f"--runs and --against must name as many results each (seeds, paired in order): "
                            f"got {len(runs)} and {len(against)}")
-    a = {i: load_run(p) for i, p in enumerate(runs)}
-    b = {i: load_run(p) for i, p in enumerate(against)}
+    loaded = [load_run(p) for p in [*runs, *against]]
+    grids = {res for _, res in loaded}
+    if len(grids) > 1:  # HD95 in pixels of different grids is not comparable
+        raise CompareError(f"the results were measured at different resolutions ({', '.join(sorted(grids))}): "
+                           "compare metrics.json files with each other, or metrics_original_resolution.json files with each other")
+    a = {i: loaded[i][0] for i in range(len(runs))}
+    b = {i: loaded[len(runs) + i][0] for i in range(len(against))}
     for i in a:
         if not set(a[i]) & set(b[i]):
             raise CompareError(f"{runs[i]} and {against[i]}: no test image in common: not the same test set")
