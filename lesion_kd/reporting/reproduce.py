@@ -380,6 +380,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--report-only", action="store_true", help="run nothing: tables and report from finished cells")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their commands, run nothing")
     args = p.parse_args(argv)
+    # imported now, not after hours of training: code updated meanwhile (a `git pull` during a long run) must
+    # not meet this process's older Manifest (report imports this module, so not at the top)
+    from .report import write_outputs
+
     try:
         m = load_manifest(manifest_path(args.profile))
         cells = select(m.cells, args.only)
@@ -399,8 +403,6 @@ def main(argv: list[str]) -> int:
         return 0
     t0 = time.monotonic()
     failures = [] if args.report_only else run_cells(m, cells, gpus, args.jobs)
-    from .report import write_outputs
-
     outputs = write_outputs(m)
     print(f"reproduce-table: wrote {', '.join(str(o) for o in outputs)} in {time.monotonic() - t0:.0f} s", flush=True)
     if failures:
