@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..data.io import atomic_write_bytes
-from ..reporting.paired import paired_differences, summarise
+from ..reporting.paired import p_phrase, paired_differences, summarise
 
 
 class CompareError(ValueError):
@@ -66,10 +66,6 @@ def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
             "hd95_px": {k: hs[k] for k in ("mean", "ci_low", "ci_high", "p")}}
 
 
-def _p(p: float) -> str:
-    return "p < 0.001" if p < 1e-3 else f"p = {p:.3f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lesion-kd compare", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -88,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     d, h = out["dice_points"], out["hd95_px"]
     print(f"{out['images']} test images, {out['seeds']} seed(s), per-image differences (runs minus against; "
           "averaged over seeds first):")
-    print(f"  Dice  {d['mean']:+.2f} points, 95% CI [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], Wilcoxon {_p(d['p'])}; "
+    print(f"  Dice  {d['mean']:+.2f} points, 95% CI [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], Wilcoxon {p_phrase(d['p'])}; "
           f"higher on {out['wins'] * 100:.0f}% of the images")
     print(f"  HD95  {h['mean']:+.2f} px (negative: closer boundaries), 95% CI [{h['ci_low']:+.2f}, {h['ci_high']:+.2f}], "
-          f"Wilcoxon {_p(h['p'])}")
+          f"Wilcoxon {p_phrase(h['p'])}")
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(out, indent=1) + "\n").encode())
     return 0

@@ -105,8 +105,15 @@ def comparisons(
     return rows
 
 
-def _p(p: float) -> str:
-    return "< 0.001" if p < 1e-3 else f"{p:.3f}"
+def p_value_text(p: float) -> str:
+    """A p-value as printed everywhere: ``< 0.001``, three decimals under 0.01, else two."""
+    return "< 0.001" if p < 1e-3 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+
+
+def p_phrase(p: float) -> str:
+    """``p < 0.001`` or ``p = 0.45``."""
+    text = p_value_text(p)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
 def markdown(rows: list[dict], profile: str = "") -> str:
@@ -125,8 +132,8 @@ def markdown(rows: list[dict], profile: str = "") -> str:
         lines.append(
             f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {r['method']} | {r['network']} | {r['reference']} | "
             f"{r['seeds']} | {r['images']} | {r['dice_mean']:+.2f} [{r['dice_ci_low']:+.2f}, {r['dice_ci_high']:+.2f}] | "
-            f"{_p(r['dice_p'])} | {r['wins'] * 100:.0f}% | {r['hd95_mean']:+.2f} [{r['hd95_ci_low']:+.2f}, "
-            f"{r['hd95_ci_high']:+.2f}] | {_p(r['hd95_p'])} |")
+            f"{p_value_text(r['dice_p'])} | {r['wins'] * 100:.0f}% | {r['hd95_mean']:+.2f} [{r['hd95_ci_low']:+.2f}, "
+            f"{r['hd95_ci_high']:+.2f}] | {p_value_text(r['hd95_p'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,9 +41,9 @@ ABLATION_ROWS = {"semikd_sup": "L_sup only", "semikd_featkd": "L_sup + plain fea
 QUALITATIVE_ROWS = 6
 
 
-def _cell_keys(m: Manifest) -> set[tuple]:
-    """(dataset, method, network, labels, seed) of every cell of the manifest."""
-    return {(c.dataset, c.method, c.network, c.labels, c.seed) for c in m.cells}
+def _cell_keys(cells: list[Cell]) -> set[tuple]:
+    """(dataset, method, network, labels, seed) of each cell: how results are matched to a manifest's cells."""
+    return {(c.dataset, c.method, c.network, c.labels, c.seed) for c in cells}
 
 
 def _cells_rows(m: Manifest, part: str) -> tuple[list[dict], list[Cell]]:
@@ -51,7 +51,7 @@ def _cells_rows(m: Manifest, part: str) -> tuple[list[dict], list[Cell]]:
     wanted = [c for c in m.cells if c.part == part or (part == "ablation" and c.method in m.ablation.get("rows", [])
                                                          and c.dataset == m.ablation.get("dataset")
                                                          and c.labels == float(m.ablation.get("labels", -1)))]
-    keys = {(c.dataset, c.method, c.network, c.labels, c.seed) for c in wanted}
+    keys = _cell_keys(wanted)
     rows = [r for r in collect(m.results) if (r["dataset"], r["method"], r["network"], r["labels"], r["seed"]) in keys]
     return aggregate(rows), [c for c in wanted if not is_finished(m, c)]
 
@@ -213,10 +213,10 @@ def paired_figure(rows: list[dict]) -> bytes | None:
             colour = "#c44e52" if r["method"] == "semikd" else "#4c72b0"
             ax.plot([r["dice_ci_low"], r["dice_ci_high"]], [yi, yi], color=colour, lw=2)
             ax.plot(r["dice_mean"], yi, "o", color=colour, mfc=colour if clear else "white", ms=6)
-            p = "p < 0.001" if r["dice_p"] < 1e-3 else f"p = {r['dice_p']:.3f}" if r["dice_p"] < 0.01 else f"p = {r['dice_p']:.2f}"
             seeds = f"{r['seeds']} seed" + ("s" if r["seeds"] > 1 else "")
             # right of the panel, clear of the intervals
-            ax.text(1.01, yi, f"{r['dice_mean']:+.1f} [{r['dice_ci_low']:+.1f}, {r['dice_ci_high']:+.1f}], {p}, {seeds}",
+            ax.text(1.01, yi, f"{r['dice_mean']:+.1f} [{r['dice_ci_low']:+.1f}, {r['dice_ci_high']:+.1f}], "
+                    f"{paired.p_phrase(r['dice_p'])}, {seeds}",
                     va="center", fontsize=7, transform=ax.get_yaxis_transform())
         ax.axvline(0, color="#555", lw=1, ls="--")
         names = [f"{METHOD_NAMES.get(r['method'], r['method']).replace('**', '')} · "
@@ -478,7 +478,7 @@ def write_outputs(m: Manifest) -> list[Path]:
     texts = {"table.md": table_markdown(m, table_agg, table_missing), "table.csv": table_csv(table_agg),
              "ablation.md": ablation_markdown(m, abl_agg, abl_missing),
              "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc, efficiency.load_gpu(m.results))}",
-             "paired.md": paired.markdown(pairs := paired.comparisons(m.results, m.paired_references, keep=_cell_keys(m)),
+             "paired.md": paired.markdown(pairs := paired.comparisons(m.results, m.paired_references, keep=_cell_keys(m.cells)),
                                           m.profile)}
     table_cells = [c for c in m.cells if c.part == "table"]
     qual, notes = qualitative_figure(m, table_cells)
