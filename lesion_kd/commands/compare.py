@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..data.io import atomic_write_bytes
-from ..reporting.paired import p_phrase, paired_differences, summarise
+from ..reporting.paired import compare_runs, p_phrase
 
 
 class CompareError(ValueError):
@@ -58,12 +58,12 @@ def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
     for i in a:
         if not set(a[i]) & set(b[i]):
             raise CompareError(f"{runs[i]} and {against[i]}: no test image in common: not the same test set")
-    dice, _ = paired_differences(a, b, "dice")
-    hd95, _ = paired_differences(a, b, "hd95")
-    ds, hs = summarise(dice * 100), summarise(hd95)
-    return {"seeds": len(runs), "images": ds["n"], "wins": ds["positive"],
-            "dice_points": {k: ds[k] for k in ("mean", "ci_low", "ci_high", "p")},
-            "hd95_px": {k: hs[k] for k in ("mean", "ci_low", "ci_high", "p")}}
+    row = compare_runs(a, b)
+    if row is None:
+        raise CompareError("a paired comparison needs at least 2 test images in common")
+    keys = ("mean", "ci_low", "ci_high", "p")
+    return {"seeds": row["seeds"], "images": row["images"], "wins": row["wins"],
+            "dice_points": {k: row[f"dice_{k}"] for k in keys}, "hd95_px": {k: row[f"hd95_{k}"] for k in keys}}
 
 
 def main(argv: list[str] | None = None) -> int:

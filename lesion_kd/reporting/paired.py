@@ -70,6 +70,22 @@ def summarise(d: np.ndarray, seed: int = 0) -> dict:
             "positive": float((d > 0).mean()), "n": int(d.size)}
 
 
+def compare_runs(
+    runs: dict[int, dict[str, dict[str, float]]], reference: dict[int, dict[str, dict[str, float]]]
+) -> dict | None:
+    """One paired comparison of ``runs`` with ``reference`` (seed -> image id -> metrics): the seeds and images
+    used, the share of images won on Dice (``wins``), and ``dice_``/``hd95_`` ``mean``, ``ci_low``, ``ci_high``,
+    ``p`` (Dice in points, HD95 in pixels); None when fewer than 2 images are in common."""
+    dice, seeds = paired_differences(runs, reference, "dice")
+    if dice.size < 2:
+        return None
+    hd95, _ = paired_differences(runs, reference, "hd95")
+    ds, hs = summarise(dice * 100), summarise(hd95)
+    return {"seeds": len(seeds), "images": ds["n"], "wins": ds["positive"],
+            **{f"dice_{k}": ds[k] for k in ("mean", "ci_low", "ci_high", "p")},
+            **{f"hd95_{k}": hs[k] for k in ("mean", "ci_low", "ci_high", "p")}}
+
+
 def comparisons(
     root: str | Path, references: tuple[str, ...] | list[str] = ("supervised",), keep: set[tuple] | None = None
 ) -> list[dict]:
@@ -90,18 +106,9 @@ def comparisons(
                 continue
             if (dataset, labels, ref, network) not in data:
                 continue
-            reference = data[(dataset, labels, ref, network)]
-            dice, seeds = paired_differences(runs, reference, "dice")
-            if dice.size < 2:
-                continue
-            hd95, _ = paired_differences(runs, reference, "hd95")
-            ds, hs = summarise(dice * 100), summarise(hd95)
-            rows.append({
-                "dataset": dataset, "labels": labels, "method": method, "network": network, "reference": ref,
-                "seeds": len(seeds), "images": ds["n"], "wins": ds["positive"],
-                **{f"dice_{k}": ds[k] for k in ("mean", "ci_low", "ci_high", "p")},
-                **{f"hd95_{k}": hs[k] for k in ("mean", "ci_low", "ci_high", "p")},
-            })
+            if (row := compare_runs(runs, data[(dataset, labels, ref, network)])) is not None:
+                rows.append({"dataset": dataset, "labels": labels, "method": method, "network": network,
+                             "reference": ref, **row})
     return rows
 
 
