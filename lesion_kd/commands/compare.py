@@ -12,13 +12,13 @@ signed-rank p-values and the share of images won (:mod:`lesion_kd.reporting.pair
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from ..data.io import atomic_write_bytes
 from ..reporting.paired import compare_runs, p_phrase
+from . import parser
 
 
 class CompareError(ValueError):
@@ -67,9 +67,7 @@ def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lesion-kd compare", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap = parser("lesion-kd compare", __doc__)
     ap.add_argument("--runs", nargs="+", required=True, metavar="RESULT",
                     help="the model's test results (metrics.json or its folder), one per seed")
     ap.add_argument("--against", nargs="+", required=True, metavar="RESULT",

@@ -9,13 +9,13 @@ The export is compared with the eager network on random and real images before i
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from . import parser
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lesion-kd export", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("lesion-kd export", __doc__)
     p.add_argument("--ckpt", required=True, help="a lesion-kd checkpoint of any method (only its student is exported)")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="file format")
     p.add_argument("--out", required=True, help="output file (written to a temporary name, then renamed)")

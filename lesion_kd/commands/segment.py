@@ -11,13 +11,13 @@ as ``python -m lesion_kd.commands.segment`` (``lesion-kd`` itself loads Lightnin
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from . import parser
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lesion-kd segment", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("lesion-kd segment", __doc__)
     p.add_argument("--model", required=True, help="exported .onnx, TorchScript file, or a lesion-kd .ckpt")
     p.add_argument("--input", required=True, help="an image file or a folder of images (not recursive)")
     p.add_argument("--output", required=True, help="folder for <id>_mask.png, <id>_overlay.png and segments.csv")

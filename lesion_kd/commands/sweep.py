@@ -22,7 +22,6 @@ re-runs only an interrupted run (one with a proposal but no result) and proposes
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from . import parser
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_HINT = (
@@ -345,9 +346,7 @@ def run_one(rec: dict, cfg: dict, env: dict[str, str], index: int, count: int) -
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lesion-kd sweep", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = parser("lesion-kd sweep", __doc__)
     p.add_argument("sweep_file", help="a W&B sweep config (experiments/sweeps/*.yaml)")
     p.add_argument("--count", type=int, required=True,
                    help="total number of runs the sweep should hold in OUT (finished runs found there count)")

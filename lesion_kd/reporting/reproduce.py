@@ -15,7 +15,6 @@ counted: it is run again with ``--ckpt_path last`` and continues from its last c
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import os
@@ -27,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ..commands import parser
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "experiments" / "reproduce"
@@ -363,8 +364,7 @@ def _write_timing(m: Manifest, cell: Cell, wall: float, resumed: bool = False) -
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lesion-kd reproduce-table", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("lesion-kd reproduce-table", __doc__)
     p.add_argument("--profile", default="smoke",
                    help="manifest experiments/reproduce/<PROFILE>.yaml (smoke, cpu, paper) or a path to a manifest")
     p.add_argument("--out", default=None, help="folder for table.md, table.csv, ablation.md, efficiency.md, "
