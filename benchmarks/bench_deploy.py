@@ -203,7 +203,9 @@ def _prepare(artifacts: Path, args: argparse.Namespace) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from lesion_kd.commands import parser  # argparse only (no torch): the help is shown without loading it
+
+    p = parser("benchmarks/bench_deploy.py", __doc__)  # the docstring's whole first sentence (it spans two lines)
     p.add_argument("--ckpt", default=None, help=f"student checkpoint (default: {DEFAULT_CKPT} when present)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--runs", type=int, default=20, help="timed batch-1 calls per configuration")

@@ -7,7 +7,6 @@ Prints a markdown table. All three compute the same function (D, z, delta_bias, 
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from machine import cpu_model
 
+from lesion_kd.commands import parser
 from lesion_kd.models.scan import selective_scan, selective_scan_chunked, selective_scan_ref
 
 
@@ -78,7 +78,7 @@ def time_fwd_bwd(fn, inputs, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("benchmarks/bench_scan.py", __doc__)  # the docstring's whole first sentence (it spans two lines)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--channels", type=int, default=192)
