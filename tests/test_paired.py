@@ -58,21 +58,37 @@ def test_identical_runs_differ_by_zero_with_p_one(tmp_path):
     assert row["dice_mean"] == 0 and row["dice_p"] == 1.0 and row["wins"] == 0.0
 
 
-def test_differences_are_averaged_over_the_common_seeds_on_the_common_images(tmp_path):
+def test_each_side_is_averaged_over_all_its_seeds_on_the_images_every_seed_has(tmp_path):
     ids = ["a", "b", "c", "d"]
     write_cell(tmp_path, "supervised-mamba_unet-10pct-seed0", [0.5, 0.5, 0.5, 0.5], ids=ids)
     write_cell(tmp_path, "supervised-mamba_unet-10pct-seed1", [0.4, 0.4, 0.4, 0.4], ids=ids)
-    write_cell(tmp_path, "supervised-mamba_unet-10pct-seed2", [0.0, 0.0, 0.0, 0.0], ids=ids)  # no method seed 2
+    write_cell(tmp_path, "supervised-mamba_unet-10pct-seed2", [0.0, 0.3, 0.6, 0.0], ids=ids)  # no method seed 2
     write_cell(tmp_path, "semikd-mamba_unet-10pct-seed0", [0.6, 0.7, 0.5, 0.9], ids=ids)
     write_cell(tmp_path, "semikd-mamba_unet-10pct-seed1", [0.6, 0.5, 0.4, 0.9], ids=["a", "b", "c", "e"])
-    d, seeds = paired.paired_differences(
-        paired.load_per_image(tmp_path)[("kvasir-seg", 0.1, "semikd", "mamba_unet")],
-        paired.load_per_image(tmp_path)[("kvasir-seg", 0.1, "supervised", "mamba_unet")], "dice")
-    assert seeds == [0, 1]
-    # images a, b, c (d is missing from seed 1): ((0.1 + 0.2) / 2, (0.2 + 0.1) / 2, (0.0 + 0.0) / 2)
-    np.testing.assert_allclose(d, [0.15, 0.15, 0.0])
+    data = paired.load_per_image(tmp_path)
+    d, seeds = paired.paired_differences(data[("kvasir-seg", 0.1, "semikd", "mamba_unet")],
+                                         data[("kvasir-seg", 0.1, "supervised", "mamba_unet")], "dice")
+    assert seeds == ([0, 1], [0, 1, 2])
+    # images a, b, c (d is missing from the method's seed 1): method means 0.6, 0.6, 0.45; reference means
+    # 0.3, 0.4, 0.5 (its seed 2 counts, though the method has no seed 2)
+    np.testing.assert_allclose(d, [0.3, 0.2, -0.05])
     (row,) = paired.comparisons(tmp_path)
-    assert row["seeds"] == 2 and row["images"] == 3 and row["dice_mean"] == pytest.approx(10.0)
+    assert (row["seeds"], row["reference_seeds"], row["images"]) == (2, 3, 3)
+    assert row["dice_mean"] == pytest.approx(15.0)
+    assert "| semikd | mamba_unet | supervised | 2 vs 3 | 3 |" in paired.markdown([row])
+
+
+def test_with_the_same_seeds_it_is_the_mean_of_same_seed_differences(tmp_path):
+    ids = ["a", "b", "c"]
+    for s, (m, r) in enumerate((([0.6, 0.7, 0.2], [0.5, 0.5, 0.5]), ([0.9, 0.1, 0.4], [0.3, 0.6, 0.2]))):
+        write_cell(tmp_path, f"supervised-unet-10pct-seed{s}", r, ids=ids)
+        write_cell(tmp_path, f"cps-unet-10pct-seed{s}", m, ids=ids)
+    data = paired.load_per_image(tmp_path)
+    d, _ = paired.paired_differences(data[("kvasir-seg", 0.1, "cps", "unet")],
+                                     data[("kvasir-seg", 0.1, "supervised", "unet")], "dice")
+    np.testing.assert_allclose(d, [(0.1 + 0.6) / 2, (0.2 - 0.5) / 2, (-0.3 + 0.2) / 2])
+    (row,) = paired.comparisons(tmp_path)
+    assert "| cps | unet | supervised | 2 | 3 |" in paired.markdown([row])
 
 
 def test_pairs_only_within_dataset_labels_and_network_and_references_one_way(tmp_path):
@@ -118,7 +134,7 @@ def test_the_forest_plot_draws_every_comparison(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ lesion-kd compare
-def test_compare_command_pairs_seeds_in_order_and_writes_json(tmp_path, capsys):
+def test_compare_command_averages_each_side_over_its_seeds_and_writes_json(tmp_path, capsys):
     from lesion_kd.commands.compare import main
 
     base = rng_dice(7)
@@ -137,6 +153,22 @@ def test_compare_command_pairs_seeds_in_order_and_writes_json(tmp_path, capsys):
     assert doc["dice_points"]["mean"] == pytest.approx(3.0) and doc["wins"] == 1.0 and doc["seeds"] == 2
 
 
+def test_compare_command_takes_one_run_against_a_three_seed_reference(tmp_path, capsys):
+    from lesion_kd.commands.compare import main
+
+    base = rng_dice(8)
+    for s, shift in enumerate((0.0, 0.03, 0.06)):
+        write_cell(tmp_path, f"supervised-unet-10pct-seed{s}", list(base - shift))
+    write_cell(tmp_path, "cps-unet-10pct-seed0", list(base))
+    cells = tmp_path / "kvasir-seg"
+    rc = main(["--runs", str(cells / "cps-unet-10pct-seed0"),
+               "--against", *(str(cells / f"supervised-unet-10pct-seed{s}") for s in range(3))])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    # against the reference's mean run (3 points under the method), not its seed 0 (level with it)
+    assert "60 test images, 1 against 3 seed(s)" in printed and "Dice  +3.00 points" in printed
+
+
 def test_compare_command_names_the_bad_input(tmp_path, capsys):
     from lesion_kd.commands.compare import main
 
@@ -152,8 +184,8 @@ def test_compare_command_names_the_bad_input(tmp_path, capsys):
         (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(tmp_path / "no_per_image.json")], "no per-image results"),
         (["--runs", str(tmp_path / "broken.json"), "--against", str(cells / "a-unet-10pct-seed0")], "broken.json: not JSON"),
         (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(cells / "b-unet-10pct-seed0")], "no test image in common"),
-        (["--runs", str(cells / "a-unet-10pct-seed0"), str(cells / "a-unet-10pct-seed0"), "--against",
-          str(cells / "b-unet-10pct-seed0")], "as many results each"),
+        (["--runs", str(cells / "a-unet-10pct-seed0"), str(cells / "b-unet-10pct-seed0"), "--against",
+          str(cells / "a-unet-10pct-seed0")], f"{cells / 'b-unet-10pct-seed0'}: no test image in common"),
         (["--runs", str(cells / "a-unet-10pct-seed0"), "--against", str(tmp_path / "original.json")],
          "measured at different resolutions (model, original)"),
     ]

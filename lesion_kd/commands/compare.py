@@ -4,8 +4,9 @@
                       --against results/kvasir-seg/supervised-mamba_unet-10pct-seed{0,1,2}
 
 Each argument is a ``metrics.json`` written by ``lesion-kd test`` (or the folder holding it), with per-image
-results; several are seeds, paired in the order given (the i-th run with the i-th reference). Prints the mean
-per-image Dice difference (points) and HD95 difference (pixels) with 95% bootstrap intervals, the Wilcoxon
+results; several are seeds, each side averaged over its own seeds per image (one run against a three-seed
+reference: ``--runs A --against B0 B1 B2``). Prints the mean per-image Dice difference (points) and HD95
+difference (pixels) with 95% bootstrap intervals, the Wilcoxon
 signed-rank p-values and the share of images won (:mod:`lesion_kd.reporting.paired`, the statistics of
 ``reproduce-table``'s ``paired.md``); ``--json FILE`` also writes them.
 """
@@ -44,10 +45,9 @@ def load_run(path: str | Path) -> tuple[dict[str, dict[str, float]], str]:
 
 
 def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
-    """Paired comparison of ``runs`` (seeds) with ``against`` (the same seeds, same order)."""
-    if not runs or len(runs) != len(against):
-        raise CompareError(f"--runs and --against must name as many results each (seeds, paired in order): "
-                           f"got {len(runs)} and {len(against)}")
+    """Paired comparison of ``runs`` (seeds) with ``against`` (its seeds), on the test images all of them have."""
+    if not runs or not against:
+        raise CompareError(f"--runs and --against must each name at least one result: got {len(runs)} and {len(against)}")
     loaded = [load_run(p) for p in [*runs, *against]]
     grids = {res for _, res in loaded}
     if len(grids) > 1:  # HD95 in pixels of different grids is not comparable
@@ -55,14 +55,15 @@ def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
                            "compare metrics.json files with each other, or metrics_original_resolution.json files with each other")
     a = {i: loaded[i][0] for i in range(len(runs))}
     b = {i: loaded[len(runs) + i][0] for i in range(len(against))}
-    for i in a:
-        if not set(a[i]) & set(b[i]):
-            raise CompareError(f"{runs[i]} and {against[i]}: no test image in common: not the same test set")
+    first = b[0]
+    for path, (per_image, _) in zip([*runs, *against], loaded, strict=True):
+        if not set(first) & set(per_image):
+            raise CompareError(f"{against[0]} and {path}: no test image in common: not the same test set")
     row = compare_runs(a, b)
     if row is None:
         raise CompareError("a paired comparison needs at least 2 test images in common")
     keys = ("mean", "ci_low", "ci_high", "p")
-    return {"seeds": row["seeds"], "images": row["images"], "wins": row["wins"],
+    return {"seeds": row["seeds"], "reference_seeds": row["reference_seeds"], "images": row["images"], "wins": row["wins"],
             "dice_points": {k: row[f"dice_{k}"] for k in keys}, "hd95_px": {k: row[f"hd95_{k}"] for k in keys}}
 
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", nargs="+", required=True, metavar="RESULT",
                     help="the model's test results (metrics.json or its folder), one per seed")
     ap.add_argument("--against", nargs="+", required=True, metavar="RESULT",
-                    help="the reference's test results, the same seeds in the same order")
+                    help="the reference's test results, one per seed (as many as it has)")
     ap.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the comparison as JSON")
     args = ap.parse_args(argv)
     try:
@@ -80,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lesion-kd compare: {e}", file=sys.stderr)
         return 2
     d, h = out["dice_points"], out["hd95_px"]
-    print(f"{out['images']} test images, {out['seeds']} seed(s), per-image differences (runs minus against; "
-          "averaged over seeds first):")
+    seeds = out["seeds"] if out["reference_seeds"] == out["seeds"] else f"{out['seeds']} against {out['reference_seeds']}"
+    print(f"{out['images']} test images, {seeds} seed(s), per-image differences (runs minus against; "
+          "each averaged over its seeds first):")
     print(f"  Dice  {d['mean']:+.2f} points, 95% CI [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], Wilcoxon {p_phrase(d['p'])}; "
           f"higher on {out['wins'] * 100:.0f}% of the images")
     print(f"  HD95  {h['mean']:+.2f} px (negative: closer boundaries), 95% CI [{h['ci_low']:+.2f}, {h['ci_high']:+.2f}], "

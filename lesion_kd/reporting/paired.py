@@ -1,18 +1,21 @@
 """Paired comparisons on the same test images: is a method's gain over a reference run more than noise?
 
-A table row's mean Dice over ~100 test images moves by a point or two from seed to seed, so two rows a few
-points apart need a test that uses the pairing: both runs segmented the *same* images. For each method and
-each reference method (by default ``supervised``) of the same dataset, label fraction and network, over
-the seeds both have finished::
+A table row's mean Dice over ~100 test images moves by points from seed to seed, so two rows a few points
+apart need a test that uses the pairing: both runs segmented the *same* images. For each method and each
+reference method (by default ``supervised``) of the same dataset, label fraction and network, each averaged
+over all of its finished seeds::
 
-    d_i = 1/S sum_s (Dice_method,s(image i) - Dice_reference,s(image i))     per test image i, S common seeds
+    d_i = 1/S sum_s Dice_method,s(image i) - 1/R sum_r Dice_reference,r(image i)     per test image i
     mean d, its 95% bootstrap confidence interval (percentile, 10 000 resamples of the images, seeded),
     the Wilcoxon signed-rank p-value of the d_i (two-sided), and the share of images the method wins
 
-and the same for HD95 (lower is better: a negative difference is a gain). Statistics from
-``scipy.stats`` (``bootstrap``, ``wilcoxon``); only the pairing of per-image results is ours. The per-image
-values are those ``lesion-kd test`` wrote to each cell's ``metrics.json`` (``per_image``). A p-value is
-per comparison, not corrected for the number of rows compared.
+and the same for HD95 (lower is better: a negative difference is a gain). With the same seeds on both
+sides this is the per-image difference of same-seed runs averaged over the seeds; a single-seed method
+against a three-seed reference is measured against the reference's mean run, not against whichever of its
+seeds shares the method's number. Statistics from ``scipy.stats`` (``bootstrap``, ``wilcoxon``); only the
+pairing of per-image results is ours. The per-image values are those ``lesion-kd test`` wrote to each
+cell's ``metrics.json`` (``per_image``). A p-value is per comparison, not corrected for the number of rows
+compared. It measures the test images' noise, not the seeds': a single run's seed-to-seed spread is not in it.
 """
 
 from __future__ import annotations
@@ -46,16 +49,18 @@ def load_per_image(root: str | Path) -> dict[tuple, dict[int, dict[str, dict[str
 
 def paired_differences(
     runs: dict[int, dict[str, dict[str, float]]], reference: dict[int, dict[str, dict[str, float]]], metric: str
-) -> tuple[np.ndarray, list[int]]:
-    """Per-image differences ``runs - reference`` of ``metric``, averaged over the seeds both have, on the
-    images both have (finite values only): (d (n_images,), the common seeds)."""
-    seeds = sorted(set(runs) & set(reference))
-    if not seeds:
-        return np.zeros(0), []
-    images = sorted(set.intersection(*(set(runs[s]) & set(reference[s]) for s in seeds)))
-    d = np.array([[runs[s][i][metric] - reference[s][i][metric] for i in images] for s in seeds], dtype=float)
-    d = d[:, np.isfinite(d).all(axis=0)]
-    return d.mean(axis=0), seeds
+) -> tuple[np.ndarray, tuple[list[int], list[int]]]:
+    """Per-image differences of ``metric``: ``runs`` averaged over its seeds minus ``reference`` averaged over
+    its seeds, on the images every seed of both has (finite values only): (d (n_images,), (the runs'
+    seeds, the reference's seeds))."""
+    if not runs or not reference:
+        return np.zeros(0), (sorted(runs), sorted(reference))
+    sides = (runs, reference)
+    images = sorted(set.intersection(*(set(side[s]) for side in sides for s in side)))
+    a, b = (np.array([[side[s][i][metric] for i in images] for s in side], dtype=float).reshape(len(side), -1)
+            for side in sides)
+    finite = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+    return (a.mean(axis=0) - b.mean(axis=0))[finite], (sorted(runs), sorted(reference))
 
 
 def summarise(d: np.ndarray, seed: int = 0) -> dict:
@@ -73,15 +78,16 @@ def summarise(d: np.ndarray, seed: int = 0) -> dict:
 def compare_runs(
     runs: dict[int, dict[str, dict[str, float]]], reference: dict[int, dict[str, dict[str, float]]]
 ) -> dict | None:
-    """One paired comparison of ``runs`` with ``reference`` (seed -> image id -> metrics): the seeds and images
-    used, the share of images won on Dice (``wins``), and ``dice_``/``hd95_`` ``mean``, ``ci_low``, ``ci_high``,
-    ``p`` (Dice in points, HD95 in pixels); None when fewer than 2 images are in common."""
-    dice, seeds = paired_differences(runs, reference, "dice")
+    """One paired comparison of ``runs`` with ``reference`` (seed -> image id -> metrics): how many seeds of each
+    (``seeds``, ``reference_seeds``) and images were used, the share of images won on Dice (``wins``), and
+    ``dice_``/``hd95_`` ``mean``, ``ci_low``, ``ci_high``, ``p`` (Dice in points, HD95 in pixels); None when
+    fewer than 2 images are in common."""
+    dice, (seeds, ref_seeds) = paired_differences(runs, reference, "dice")
     if dice.size < 2:
         return None
     hd95, _ = paired_differences(runs, reference, "hd95")
     ds, hs = summarise(dice * 100), summarise(hd95)
-    return {"seeds": len(seeds), "images": ds["n"], "wins": ds["positive"],
+    return {"seeds": len(seeds), "reference_seeds": len(ref_seeds), "images": ds["n"], "wins": ds["positive"],
             **{f"dice_{k}": ds[k] for k in ("mean", "ci_low", "ci_high", "p")},
             **{f"hd95_{k}": hs[k] for k in ("mean", "ci_low", "ci_high", "p")}}
 
@@ -89,7 +95,7 @@ def compare_runs(
 def comparisons(
     root: str | Path, references: tuple[str, ...] | list[str] = ("supervised",), keep: set[tuple] | None = None
 ) -> list[dict]:
-    """Every (method, reference) pair of the same dataset, labels and network with common seeds: one row each
+    """Every (method, reference) pair of the same dataset, labels and network, each side over all its seeds: one row each
     with the Dice difference in points (``dice_*``), the HD95 difference in pixels (``hd95_*``) and the
     share of images the method wins on Dice (``wins``). A reference is compared only with the references
     listed before it (``supervised`` against ``semikd_sup``, not both ways round). ``keep``: only the cells
@@ -123,12 +129,19 @@ def p_phrase(p: float) -> str:
     return f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
+def seeds_text(row: dict) -> str:
+    """``3`` where both sides have the same number of seeds, ``1 vs 3`` (method vs reference) where they differ."""
+    ref = row.get("reference_seeds", row["seeds"])
+    return str(row["seeds"]) if ref == row["seeds"] else f"{row['seeds']} vs {ref}"
+
+
 def markdown(rows: list[dict], profile: str = "") -> str:
     """The comparisons as a Markdown table, one row per (method, reference)."""
     lines = [f"# Paired comparisons on the same test images{f' ({profile} profile)' if profile else ''}", "",
              "Each method against the supervised-only run of the same network (and other references the manifest "
-             "names), on the same test images and seeds: the mean per-image difference (method minus reference; "
-             "per-image differences averaged over the common seeds first), its 95% bootstrap interval over the "
+             "names), on the same test images: the mean per-image difference (method minus reference, each averaged "
+             "over its seeds first; seeds: the method's, and the reference's where it has other seeds), its 95% "
+             "bootstrap interval over the "
              "images, the two-sided Wilcoxon signed-rank p-value (not corrected for the number of rows), and the "
              "share of images on which the method's Dice is higher. HD95: negative is better.", ""]
     if not rows:
@@ -138,7 +151,7 @@ def markdown(rows: list[dict], profile: str = "") -> str:
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {r['method']} | {r['network']} | {r['reference']} | "
-            f"{r['seeds']} | {r['images']} | {r['dice_mean']:+.2f} [{r['dice_ci_low']:+.2f}, {r['dice_ci_high']:+.2f}] | "
+            f"{seeds_text(r)} | {r['images']} | {r['dice_mean']:+.2f} [{r['dice_ci_low']:+.2f}, {r['dice_ci_high']:+.2f}] | "
             f"{p_value_text(r['dice_p'])} | {r['wins'] * 100:.0f}% | {r['hd95_mean']:+.2f} [{r['hd95_ci_low']:+.2f}, "
             f"{r['hd95_ci_high']:+.2f}] | {p_value_text(r['hd95_p'])} |")
     return "\n".join(lines) + "\n"

@@ -213,7 +213,7 @@ def paired_figure(rows: list[dict]) -> bytes | None:
             colour = "#c44e52" if r["method"] == "semikd" else "#4c72b0"
             ax.plot([r["dice_ci_low"], r["dice_ci_high"]], [yi, yi], color=colour, lw=2)
             ax.plot(r["dice_mean"], yi, "o", color=colour, mfc=colour if clear else "white", ms=6)
-            seeds = f"{r['seeds']} seed" + ("s" if r["seeds"] > 1 else "")
+            seeds = paired.seeds_text(r) + " seed" + ("s" if r["seeds"] > 1 or r.get("reference_seeds", 1) > 1 else "")
             # right of the panel, clear of the intervals
             ax.text(1.01, yi, f"{r['dice_mean']:+.1f} [{r['dice_ci_low']:+.1f}, {r['dice_ci_high']:+.1f}], "
                     f"{paired.p_phrase(r['dice_p'])}, {seeds}",
