@@ -25,3 +25,10 @@ def test_seeds_are_aggregated_and_rendered(tmp_path):
     md = markdown(agg)
     assert "| kvasir-seg | 10% | supervised | unet | 60.00 +- 10.00 |" in md
     assert "| kvasir-seg | 20% | semikd | mamba_unet | 80.00 |" in md
+
+
+def test_each_rows_per_seed_dice_is_kept_in_seed_order(tmp_path):
+    for seed, dice in ((10, 0.6), (2, 0.7), (0, 0.5)):  # seed10 sorts before seed2 by name
+        write(tmp_path, "busi", f"cps-unet-10pct-seed{seed}", dice)
+    (row,) = aggregate(collect(tmp_path))
+    assert row["seeds"] == 3 and row["dice_per_seed"] == [0.5, 0.7, 0.6]

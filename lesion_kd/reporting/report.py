@@ -158,8 +158,9 @@ def _plt():
 
 def dice_figure(agg: list[dict]) -> bytes | None:
     """Test Dice of every finished table row: one panel per (dataset, labels), stacked, each as tall as its rows,
-    bars sorted best first and labelled with their value (mean ± std over seeds); supervised-only rows grey, the
-    paper's method highlighted, so where each method stands against supervised-only reads at a glance."""
+    bars sorted best first and labelled with their value (mean ± std over seeds, each seed's run a dot on its
+    bar); supervised-only rows grey, the paper's method highlighted, so where each method stands against
+    supervised-only, and how far one seed moves it, reads at a glance."""
     if not agg:
         return None
     plt = _plt()
@@ -178,14 +179,18 @@ def dice_figure(agg: list[dict]) -> bytes | None:
         y = np.arange(len(rows))
         means = [100 * r["dice_mean"] for r in rows]
         ax.barh(y, means, xerr=[100 * r["dice_std"] for r in rows], color=colours, height=0.7)
+        for yi, r in zip(y, rows, strict=True):
+            if len(seeds := r.get("dice_per_seed", [])) > 1:
+                ax.plot([100 * v for v in seeds], [yi] * len(seeds), "o", ms=3.5, mfc="white", mec="black", mew=0.8)
         for yi, r, v in zip(y, rows, means, strict=True):
             txt = f"{v:.1f}" + (f" ± {100 * r['dice_std']:.1f}" if r.get("seeds", 1) > 1 else "")
-            ax.text(v + 100 * r["dice_std"] + 1, yi, txt, va="center", fontsize=8)  # clear of the error bar
+            right = max([v + 100 * r["dice_std"], *(100 * d for d in r.get("dice_per_seed", []))])
+            ax.text(right + 1.8, yi, txt, va="center", fontsize=8)  # clear of the error bar and the seeds' dots
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(f"{ds}, {lab * 100:.0f}% labels", fontsize=10, loc="left")
         ax.set_xlim(0, 100)
-    axes[-1, 0].set_xlabel("test Dice % (grey: supervised only; red: the paper's method)")
+    axes[-1, 0].set_xlabel("test Dice % (grey: supervised only; red: the paper's method; dots: each seed's run)")
     fig.tight_layout()
     return _png(fig)
 

@@ -30,13 +30,15 @@ def collect(root: str | Path) -> list[dict]:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds of each (dataset, labels, method, network)."""
+    """Mean and std over seeds of each (dataset, labels, method, network), and its per-seed Dice
+    (``dice_per_seed``, in seed order)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["dataset"], r["labels"], r["method"], r["network"])].append(r)
     out = []
     for (dataset, labels, method, network), rs in sorted(groups.items()):
-        row = {"dataset": dataset, "labels": labels, "method": method, "network": network, "seeds": len(rs)}
+        row = {"dataset": dataset, "labels": labels, "method": method, "network": network, "seeds": len(rs),
+               "dice_per_seed": [r["dice"] for r in sorted(rs, key=lambda r: r["seed"])]}
         for k in ("dice", "iou", "hd95", "asd"):
             v = np.array([r[k] for r in rs])
             row[f"{k}_mean"], row[f"{k}_std"] = float(v.mean()), float(v.std())
