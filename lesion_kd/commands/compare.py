@@ -6,9 +6,9 @@
 Each argument is a ``metrics.json`` written by ``lesion-kd test`` (or the folder holding it), with per-image
 results; several are seeds, each side averaged over its own seeds per image (one run against a three-seed
 reference: ``--runs A --against B0 B1 B2``). Prints the mean per-image Dice difference (points) and HD95
-difference (pixels) with 95% bootstrap intervals, the Wilcoxon
-signed-rank p-values and the share of images won (:mod:`lesion_kd.reporting.paired`, the statistics of
-``reproduce-table``'s ``paired.md``); ``--json FILE`` also writes them.
+difference (pixels) with 95% bootstrap intervals, the Wilcoxon signed-rank p-values and the share of images
+won (:mod:`lesion_kd.reporting.paired`, the statistics of ``reproduce-table``'s ``paired.md``); ``--json
+FILE`` also writes them.
 """
 
 from __future__ import annotations
