@@ -179,12 +179,12 @@ def dice_figure(agg: list[dict]) -> bytes | None:
         y = np.arange(len(rows))
         means = [100 * r["dice_mean"] for r in rows]
         ax.barh(y, means, xerr=[100 * r["dice_std"] for r in rows], color=colours, height=0.7)
-        for yi, r in zip(y, rows, strict=True):
-            if len(seeds := r.get("dice_per_seed", [])) > 1:
-                ax.plot([100 * v for v in seeds], [yi] * len(seeds), "o", ms=3.5, mfc="white", mec="black", mew=0.8)
         for yi, r, v in zip(y, rows, means, strict=True):
+            seeds = [100 * d for d in r.get("dice_per_seed", [])]
+            if len(seeds) > 1:
+                ax.plot(seeds, [yi] * len(seeds), "o", ms=3.5, mfc="white", mec="black", mew=0.8)
             txt = f"{v:.1f}" + (f" ± {100 * r['dice_std']:.1f}" if r.get("seeds", 1) > 1 else "")
-            right = max([v + 100 * r["dice_std"], *(100 * d for d in r.get("dice_per_seed", []))])
+            right = max([v + 100 * r["dice_std"], *seeds])
             ax.text(right + 1.8, yi, txt, va="center", fontsize=8)  # clear of the error bar and the seeds' dots
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
