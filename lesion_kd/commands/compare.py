@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ..data.io import atomic_write_bytes
-from ..reporting.paired import compare_runs, p_phrase
+from ..reporting.paired import compare_runs, p_phrase, seeds_text
 from . import parser
 
 
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lesion-kd compare: {e}", file=sys.stderr)
         return 2
     d, h = out["dice_points"], out["hd95_px"]
-    seeds = out["seeds"] if out["reference_seeds"] == out["seeds"] else f"{out['seeds']} against {out['reference_seeds']}"
-    print(f"{out['images']} test images, {seeds} seed(s), per-image differences (runs minus against; "
+    print(f"{out['images']} test images, {seeds_text(out, 'against')} seed(s), per-image differences (runs minus against; "
           "each averaged over its seeds first):")
     print(f"  Dice  {d['mean']:+.2f} points, 95% CI [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}], Wilcoxon {p_phrase(d['p'])}; "
           f"higher on {out['wins'] * 100:.0f}% of the images")

@@ -57,8 +57,7 @@ def paired_differences(
         return np.zeros(0), (sorted(runs), sorted(reference))
     sides = (runs, reference)
     images = sorted(set.intersection(*(set(side[s]) for side in sides for s in side)))
-    a, b = (np.array([[side[s][i][metric] for i in images] for s in side], dtype=float).reshape(len(side), -1)
-            for side in sides)
+    a, b = (np.array([[side[s][i][metric] for i in images] for s in side], dtype=float) for side in sides)
     finite = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
     return (a.mean(axis=0) - b.mean(axis=0))[finite], (sorted(runs), sorted(reference))
 
@@ -129,10 +128,11 @@ def p_phrase(p: float) -> str:
     return f"p {text}" if text.startswith("<") else f"p = {text}"
 
 
-def seeds_text(row: dict) -> str:
-    """``3`` where both sides have the same number of seeds, ``1 vs 3`` (method vs reference) where they differ."""
+def seeds_text(row: dict, between: str = "vs") -> str:
+    """``3`` where both sides have the same number of seeds, ``1 vs 3`` (method ``between`` reference) where
+    they differ."""
     ref = row.get("reference_seeds", row["seeds"])
-    return str(row["seeds"]) if ref == row["seeds"] else f"{row['seeds']} vs {ref}"
+    return str(row["seeds"]) if ref == row["seeds"] else f"{row['seeds']} {between} {ref}"
 
 
 def markdown(rows: list[dict], profile: str = "") -> str:
