@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lesion_kd.reporting.readme import BEGIN, END, ReadmeError, main, results_table, splice
+from lesion_kd.reporting.readme import (
+    BEGIN,
+    END,
+    PAIRED_BEGIN,
+    PAIRED_END,
+    ReadmeError,
+    main,
+    paired_summary,
+    results_table,
+    splice,
+)
 from lesion_kd.reporting.reproduce import REPO, load_manifest
 
 
@@ -116,3 +126,54 @@ def test_rows_trained_with_a_superseded_loss_form_are_marked(tmp_path):
     assert superseded_losses(cell("featkd", semikd, kd_mode="featkd", use_dss=False)) == []
     assert superseded_losses(cell("sup", "lesion_kd.methods.Supervised")) == []
     assert superseded_losses(tmp_path / "missing") == []
+
+
+def _manifest_two_fractions(tmp: Path) -> Path:
+    doc = {"profile": "cpu", "results": str(tmp / "results"), "runs": str(tmp / "runs"), "out": str(tmp / "out"),
+           "datasets": ["kvasir-seg"], "seeds": [0],
+           "table": {"groups": [{"labels": [0.1, 0.2], "methods": ["supervised", "mean_teacher", "cps"]},
+                                {"labels": [0.1], "seeds": [0, 1], "methods": [{"method": "supervised",
+                                                                                  "network": "unet"}]},
+                                {"labels": [1.0], "methods": ["supervised"]}]}}
+    path = tmp / "m.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_the_paired_summary_sets_each_fraction_beside_its_difference_from_supervised_only(tmp_path, capsys):
+    import numpy as np
+    from test_paired import write_cell
+
+    m = load_manifest(_manifest_two_fractions(tmp_path))
+    base = np.random.default_rng(0).uniform(0.3, 0.8, 60)
+    gain = np.random.default_rng(1).uniform(0.02, 0.06, base.size)
+    noise = np.random.default_rng(2).normal(0, 0.05, base.size)
+    noise -= noise.mean()
+    root = m.results
+    write_cell(root, "supervised-unet-10pct-seed0", list(base - 0.01))
+    write_cell(root, "supervised-unet-10pct-seed1", list(base + 0.01))  # mean run: base
+    write_cell(root, "mean_teacher-unet-10pct-seed0", list(base + gain))  # a gain on every image
+    write_cell(root, "cps-unet-10pct-seed0", list(base + noise))  # noise around 0
+    write_cell(root, "supervised-unet-20pct-seed0", list(base))
+    write_cell(root, "mean_teacher-unet-20pct-seed0", list(base - gain))  # a loss on every image
+    write_cell(root, "supervised-unet-100pct-seed0", list(base + 0.1))  # nothing to compare: no 100% column
+    text = paired_summary(m)
+    head, rule, sup, mt, cps = text.strip().splitlines()
+    assert head.startswith("| kvasir-seg: method | network | 10%: Dice % | 10%: ΔDice vs supervised-only")
+    assert "100%" not in head and "20%: Dice %" in head and rule == "|---|---|---|---|---|---|"
+    assert sup.startswith("| supervised | U-Net | ") and f"{base.mean() * 100:.2f} ± 1.00 (2 seeds) | (the reference) |" in sup
+    g = gain.mean() * 100
+    assert f"| **+{g:.2f} [" in mt and "p < 0.001**" in mt and f"| **-{g:.2f} [" in mt  # bold: interval excludes 0
+    assert "| +0.00 [-" in cps and "**" not in cps and cps.endswith("|  |  |")  # no 20% cell: blank
+    # main splices the block where the README has its markers (and only the results table where it has not)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\ntext\n{PAIRED_BEGIN}\nold\n{PAIRED_END}\n")
+    assert main(["--profile", str(_manifest_two_fractions(tmp_path)), "--readme", str(readme)]) == 0
+    assert readme.read_text().split(PAIRED_BEGIN)[1] == "\n" + text + PAIRED_END + "\n"
+    assert "paired summary updated" in capsys.readouterr().out
+
+
+def test_the_committed_readme_paired_summary_is_current():
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(PAIRED_BEGIN) + len(PAIRED_BEGIN) + 1: text.index(PAIRED_END)]
+    assert block == paired_summary(load_manifest(REPO / "experiments/reproduce/cpu.yaml"))

@@ -4,7 +4,9 @@ Each row is one (dataset, labels, method, network) of the manifest with at least
 metrics (mean ± std over seeds), the wall-clock time of one run (``timing.json``, mean over seeds) and the
 ``lesion-kd fit`` command that reproduces it. The rows replace whatever stands between the two markers
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README, so the README never drifts from
-``experiments/results/<profile>/``:
+``experiments/results/<profile>/``. A second block, between ``<!-- paired:begin -->`` and
+``<!-- paired:end -->`` where the README has it, sets each method's Dice at every label fraction beside its
+paired difference from supervised-only (``paired.md``, one column pair per fraction):
 
     python -m lesion_kd.reporting.readme --profile cpu --readme README.md
 """
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..data.io import atomic_write_bytes
+from . import paired
 from .reproduce import (
     Cell,
     Manifest,
@@ -31,6 +34,7 @@ from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+PAIRED_BEGIN, PAIRED_END = "<!-- paired:begin -->", "<!-- paired:end -->"
 
 METHOD_NAMES = {
     "supervised": "supervised", "semikd": "**SemiKD (the paper's method)**",
@@ -142,13 +146,55 @@ def results_table(m: Manifest) -> str:
     return "\n".join(lines + [x for n in notes for x in ("", n)]) + "\n"
 
 
-def splice(readme: Path, table: str) -> bool:
-    """Replace the text between the markers of ``readme`` with ``table``; True when the file changed."""
+def paired_summary(m: Manifest) -> str:
+    """Per dataset, each Table-1 method's test Dice at every label fraction beside its paired difference from the
+    manifest's first paired reference (supervised-only) of the same network, each side over all its seeds: mean
+    per-image Dice difference in points, its 95% bootstrap interval and Wilcoxon p (``paired.comparisons``).
+    Bold: the interval excludes 0. Fractions with nothing to compare (the 100% upper bound) are left out."""
+    ref = m.paired_references[0]
+    cells = [c for c in m.cells if c.part == "table"]
+    keys = {(c.dataset, c.method, c.network, c.labels, c.seed) for c in cells}
+    pairs = {(r["dataset"], r["labels"], r["method"], r["network"]): r
+             for r in paired.comparisons(m.results, [ref], keep=keys) if r["reference"] == ref}
+    rows = [r for r in collect(m.results) if (r["dataset"], r["method"], r["network"], r["labels"], r["seed"]) in keys]
+    dice = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in aggregate(rows)}
+    reference = f"{METHOD_NAMES.get(ref, ref)}-only"
+    out = []
+    for dataset in dict.fromkeys(c.dataset for c in cells):
+        fractions = sorted({k[1] for k in pairs if k[0] == dataset})
+        if not fractions:
+            continue
+        order = [k for k in dict.fromkeys((c.method, c.network) for c in cells if c.dataset == dataset)
+                 if any((dataset, f, *k) in dice for f in fractions)]
+        head = " | ".join(f"{f * 100:.0f}%: Dice % | {f * 100:.0f}%: ΔDice vs {reference} [95% CI], p" for f in fractions)
+        out += [f"| {dataset}: method | network | {head} |", "|---|---|" + "---|---|" * len(fractions)]
+        for method, network in order:
+            parts = []
+            for f in fractions:
+                d, p = dice.get((dataset, f, method, network)), pairs.get((dataset, f, method, network))
+                parts.append(_fmt(d, "dice", 100) + (f" ({d['seeds']} seeds)" if d["seeds"] > 1 else "") if d else "")
+                if method == ref and d:
+                    parts.append("(the reference)")
+                elif p:
+                    text = (f"{p['dice_mean']:+.2f} [{p['dice_ci_low']:+.2f}, {p['dice_ci_high']:+.2f}], "
+                            f"{paired.p_phrase(p['dice_p'])}")
+                    parts.append(f"**{text}**" if p["dice_ci_low"] > 0 or p["dice_ci_high"] < 0 else text)
+                else:
+                    parts.append("")
+            name = METHOD_NAMES.get(method, method)
+            out.append(f"| {name} | {_network(network, {})} | " + " | ".join(parts) + " |")
+        out.append("")
+    return "\n".join(out) if out else "No pair of finished cells to compare yet.\n"
+
+
+def splice(readme: Path, table: str, begin: str = BEGIN, end: str = END) -> bool:
+    """Replace the text between the markers ``begin`` and ``end`` of ``readme`` with ``table``; True when the
+    file changed."""
     text = readme.read_text()
-    b, e = text.find(BEGIN), text.find(END)
+    b, e = text.find(begin), text.find(end)
     if b < 0 or e < 0 or e < b:
-        raise ReadmeError(f"{readme}: needs the markers {BEGIN} and {END} (in this order) around the results table")
-    new = text[: b + len(BEGIN)] + "\n" + table + text[e:]
+        raise ReadmeError(f"{readme}: needs the markers {begin} and {end} (in this order) around the generated table")
+    new = text[: b + len(begin)] + "\n" + table + text[e:]
     if new == text:
         return False
     atomic_write_bytes(readme, new.encode())
@@ -161,19 +207,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, default=None, help="README to update in place (default: print the table)")
     args = ap.parse_args(argv)
     try:
-        table = results_table(load_manifest(manifest_path(args.profile)))
+        m = load_manifest(manifest_path(args.profile))
+        table = results_table(m)
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.readme is None:
-        sys.stdout.write(table)
+        sys.stdout.write(table + "\n" + paired_summary(m))
         return 0
     try:
         changed = splice(args.readme, table)
+        print(f"{args.readme}: results table {'updated' if changed else 'already current'} "
+              f"({table.count(chr(10)) - 2} rows)")
+        if PAIRED_BEGIN in args.readme.read_text():  # the side-by-side block is optional
+            changed = splice(args.readme, paired_summary(m), PAIRED_BEGIN, PAIRED_END)
+            print(f"{args.readme}: paired summary {'updated' if changed else 'already current'}")
     except ReadmeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.readme}: results table {'updated' if changed else 'already current'} ({table.count(chr(10)) - 2} rows)")
     return 0
 
 
