@@ -70,8 +70,11 @@ def test_smoke_manifest_writes_every_output(smoke):
     for row in ("| mean_teacher | unet | supervised | 1 | ", "| semikd | mamba_unet | supervised | 1 | ",
                 "| semikd | mamba_unet | semikd_sup | 1 | ", "| semikd_sup | mamba_unet | supervised | 1 | "):
         assert row in pairs, row
+    side = pairs.split("## Side by side")[1].split("## Every comparison")[0]  # one row per method, its 10% difference
+    assert "| Mean Teacher | U-Net | " in side and "| supervised | U-Net | " in side and "(the reference)" in side
     page = (tmp / "report/report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "<table>" in page and "http" not in page.split("<body>")[0]
+    assert "<td><b>SemiKD (the paper&#x27;s method)</b></td>" in page and "**" not in page  # Markdown bold as HTML
 
 
 @pytest.mark.slow

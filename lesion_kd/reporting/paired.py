@@ -135,8 +135,9 @@ def seeds_text(row: dict, between: str = "vs") -> str:
     return str(row["seeds"]) if ref == row["seeds"] else f"{row['seeds']} {between} {ref}"
 
 
-def markdown(rows: list[dict], profile: str = "") -> str:
-    """The comparisons as a Markdown table, one row per (method, reference)."""
+def markdown(rows: list[dict], profile: str = "", summary: str = "") -> str:
+    """The comparisons as a Markdown table, one row per (method, reference); ``summary`` (a Markdown table, e.g.
+    ``readme.paired_summary``) goes before it under its own heading."""
     lines = [f"# Paired comparisons on the same test images{f' ({profile} profile)' if profile else ''}", "",
              "Each method against the supervised-only run of the same network (and other references the manifest "
              "names), on the same test images: the mean per-image difference (method minus reference, each averaged "
@@ -146,6 +147,9 @@ def markdown(rows: list[dict], profile: str = "") -> str:
              "share of images on which the method's Dice is higher. HD95: negative is better.", ""]
     if not rows:
         return "\n".join(lines + ["No pair of finished cells to compare yet.", ""])
+    if summary:
+        lines += ["## Side by side: each method's Dice and its difference from supervised-only", "",
+                  "Bold: the 95% interval excludes 0.", "", summary.rstrip("\n"), "", "## Every comparison", ""]
     lines += ["| dataset | labels | method | network | against | seeds | images | ΔDice (points) [95% CI] | p | "
               "wins | ΔHD95 px [95% CI] | p |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

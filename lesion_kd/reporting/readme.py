@@ -146,18 +146,20 @@ def results_table(m: Manifest) -> str:
     return "\n".join(lines + [x for n in notes for x in ("", n)]) + "\n"
 
 
-def paired_summary(m: Manifest) -> str:
+def paired_summary(m: Manifest, rows: list[dict] | None = None) -> str:
     """Per dataset, each Table-1 method's test Dice at every label fraction beside its paired difference from the
     manifest's first paired reference (supervised-only) of the same network, each side over all its seeds: mean
     per-image Dice difference in points, its 95% bootstrap interval and Wilcoxon p (``paired.comparisons``).
-    Bold: the interval excludes 0. Fractions with nothing to compare (the 100% upper bound) are left out."""
+    Bold: the interval excludes 0. Fractions with nothing to compare (the 100% upper bound) are left out.
+    ``rows``: ``paired.comparisons`` of the manifest's cells when already computed (else computed here)."""
     ref = m.paired_references[0]
     cells = [c for c in m.cells if c.part == "table"]
     keys = {(c.dataset, c.method, c.network, c.labels, c.seed) for c in cells}
-    pairs = {(r["dataset"], r["labels"], r["method"], r["network"]): r
-             for r in paired.comparisons(m.results, [ref], keep=keys) if r["reference"] == ref}
-    rows = [r for r in collect(m.results) if (r["dataset"], r["method"], r["network"], r["labels"], r["seed"]) in keys]
-    dice = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in aggregate(rows)}
+    if rows is None:
+        rows = paired.comparisons(m.results, [ref], keep=keys)
+    pairs = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in rows if r["reference"] == ref}
+    results = [r for r in collect(m.results) if (r["dataset"], r["method"], r["network"], r["labels"], r["seed"]) in keys]
+    dice = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in aggregate(results)}
     reference = f"{METHOD_NAMES.get(ref, ref)}-only"
     out = []
     for dataset in dict.fromkeys(c.dataset for c in cells):

@@ -10,6 +10,7 @@ import csv
 import html
 import io
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from ..data.io import atomic_write_bytes
 from . import efficiency, paired
-from .readme import METHOD_NAMES, NETWORK_NAMES  # display names shared with the README table
+from .readme import METHOD_NAMES, NETWORK_NAMES, paired_summary  # shared with the README
 from .reproduce import REPO, Cell, Manifest, cell_dir, is_finished, read_timing
 from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
@@ -424,6 +425,11 @@ def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, li
 
 
 # ----------------------------------------------------------------------------------------------- HTML
+def _bold(text: str) -> str:
+    """Markdown's ``**bold**`` as ``<b>bold</b>`` (in already escaped text)."""
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+
+
 def _md_table_to_html(md: str) -> str:
     """The Markdown of these tables (headings, paragraphs, pipe tables) as HTML."""
     out, rows = [], []
@@ -432,7 +438,7 @@ def _md_table_to_html(md: str) -> str:
         if rows:
             head, body = rows[0], [r for r in rows[2:]]
             out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr></thead><tbody>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "".join("<tr>" + "".join(f"<td>{_bold(html.escape(c))}</td>" for c in r) + "</tr>" for r in body)
                        + "</tbody></table>")
             rows.clear()
 
@@ -484,7 +490,7 @@ def write_outputs(m: Manifest) -> list[Path]:
              "ablation.md": ablation_markdown(m, abl_agg, abl_missing),
              "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc, efficiency.load_gpu(m.results))}",
              "paired.md": paired.markdown(pairs := paired.comparisons(m.results, m.paired_references, keep=_cell_keys(m.cells)),
-                                          m.profile)}
+                                          m.profile, paired_summary(m, pairs))}
     table_cells = [c for c in m.cells if c.part == "table"]
     qual, notes = qualitative_figure(m, table_cells)
     figures = [("Test Dice per method", dice_figure(table_agg), "mean ± std over seeds"),
