@@ -26,6 +26,7 @@ from .reproduce import (
     ManifestError,
     cell_args,
     cell_dir,
+    cell_keys,
     load_manifest,
     manifest_path,
     read_timing,
@@ -154,7 +155,7 @@ def paired_summary(m: Manifest, rows: list[dict] | None = None) -> str:
     ``rows``: ``paired.comparisons`` of the manifest's cells when already computed (else computed here)."""
     ref = m.paired_references[0]
     cells = [c for c in m.cells if c.part == "table"]
-    keys = {(c.dataset, c.method, c.network, c.labels, c.seed) for c in cells}
+    keys = cell_keys(cells)
     if rows is None:
         rows = paired.comparisons(m.results, [ref], keep=keys)
     pairs = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in rows if r["reference"] == ref}

@@ -19,7 +19,7 @@ import numpy as np
 from ..data.io import atomic_write_bytes
 from . import efficiency, paired
 from .readme import METHOD_NAMES, NETWORK_NAMES, paired_summary  # shared with the README
-from .reproduce import REPO, Cell, Manifest, cell_dir, is_finished, read_timing
+from .reproduce import REPO, Cell, Manifest, cell_dir, cell_keys, is_finished, read_timing
 from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
 
@@ -42,17 +42,12 @@ ABLATION_ROWS = {"semikd_sup": "L_sup only", "semikd_featkd": "L_sup + plain fea
 QUALITATIVE_ROWS = 6
 
 
-def _cell_keys(cells: list[Cell]) -> set[tuple]:
-    """(dataset, method, network, labels, seed) of each cell: how results are matched to a manifest's cells."""
-    return {(c.dataset, c.method, c.network, c.labels, c.seed) for c in cells}
-
-
 def _cells_rows(m: Manifest, part: str) -> tuple[list[dict], list[Cell]]:
     """Aggregated rows of the manifest's finished cells of a part, and its unfinished cells."""
     wanted = [c for c in m.cells if c.part == part or (part == "ablation" and c.method in m.ablation.get("rows", [])
                                                          and c.dataset == m.ablation.get("dataset")
                                                          and c.labels == float(m.ablation.get("labels", -1)))]
-    keys = _cell_keys(wanted)
+    keys = cell_keys(wanted)
     rows = [r for r in collect(m.results) if (r["dataset"], r["method"], r["network"], r["labels"], r["seed"]) in keys]
     return aggregate(rows), [c for c in wanted if not is_finished(m, c)]
 
@@ -489,7 +484,7 @@ def write_outputs(m: Manifest) -> list[Path]:
     texts = {"table.md": table_markdown(m, table_agg, table_missing), "table.csv": table_csv(table_agg),
              "ablation.md": ablation_markdown(m, abl_agg, abl_missing),
              "efficiency.md": f"# Efficiency\n\n{efficiency.markdown(eff_doc, efficiency.load_gpu(m.results))}",
-             "paired.md": paired.markdown(pairs := paired.comparisons(m.results, m.paired_references, keep=_cell_keys(m.cells)),
+             "paired.md": paired.markdown(pairs := paired.comparisons(m.results, m.paired_references, keep=cell_keys(m.cells)),
                                           m.profile, paired_summary(m, pairs))}
     table_cells = [c for c in m.cells if c.part == "table"]
     qual, notes = qualitative_figure(m, table_cells)

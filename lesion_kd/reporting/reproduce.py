@@ -231,6 +231,11 @@ def cell_dir(m: Manifest, cell: Cell) -> Path:
     return m.results / cell.dataset / cell.name
 
 
+def cell_keys(cells: list[Cell]) -> set[tuple]:
+    """(dataset, method, network, labels, seed) of each cell: how results are matched to a manifest's cells."""
+    return {(c.dataset, c.method, c.network, c.labels, c.seed) for c in cells}
+
+
 def is_finished(m: Manifest, cell: Cell) -> bool:
     """metrics.json is the last file a finished run publishes (atomically): its presence means done."""
     return (cell_dir(m, cell) / "metrics.json").is_file()
