@@ -159,8 +159,7 @@ def paired_summary(m: Manifest, rows: list[dict] | None = None) -> str:
     if rows is None:
         rows = paired.comparisons(m.results, [ref], keep=keys)
     pairs = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in rows if r["reference"] == ref}
-    results = [r for r in collect(m.results) if (r["dataset"], r["method"], r["network"], r["labels"], r["seed"]) in keys]
-    dice = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in aggregate(results)}
+    dice = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in aggregate(collect(m.results, keep=keys))}
     reference = f"{METHOD_NAMES.get(ref, ref)}-only"
     out = []
     for dataset in dict.fromkeys(c.dataset for c in cells):

@@ -47,9 +47,7 @@ def _cells_rows(m: Manifest, part: str) -> tuple[list[dict], list[Cell]]:
     wanted = [c for c in m.cells if c.part == part or (part == "ablation" and c.method in m.ablation.get("rows", [])
                                                          and c.dataset == m.ablation.get("dataset")
                                                          and c.labels == float(m.ablation.get("labels", -1)))]
-    keys = cell_keys(wanted)
-    rows = [r for r in collect(m.results) if (r["dataset"], r["method"], r["network"], r["labels"], r["seed"]) in keys]
-    return aggregate(rows), [c for c in wanted if not is_finished(m, c)]
+    return aggregate(collect(m.results, keep=cell_keys(wanted))), [c for c in wanted if not is_finished(m, c)]
 
 
 def table_markdown(m: Manifest, agg: list[dict], missing: list[Cell]) -> str:

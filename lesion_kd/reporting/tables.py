@@ -13,12 +13,16 @@ import numpy as np
 CELL = re.compile(r"^(?P<method>.+)-(?P<network>[^-]+)-(?P<labels>\d+)pct-seed(?P<seed>\d+)$")
 
 
-def collect(root: str | Path) -> list[dict]:
-    """One row per finished cell: dataset, method, network, labels (fraction), seed, and the metric means."""
+def collect(root: str | Path, keep: set[tuple] | None = None) -> list[dict]:
+    """One row per finished cell: dataset, method, network, labels (fraction), seed, and the metric means.
+    ``keep``: only the cells whose (dataset, method, network, labels, seed) is in it (a manifest's cells)."""
     rows = []
     for metrics in sorted(Path(root).glob("*/*/metrics.json")):
         m = CELL.match(metrics.parent.name)
         if not m:
+            continue
+        key = (metrics.parent.parent.name, m["method"], m["network"], int(m["labels"]) / 100, int(m["seed"]))
+        if keep is not None and key not in keep:
             continue
         doc = json.loads(metrics.read_text())
         rows.append({
