@@ -290,6 +290,7 @@ class LesionCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.last_every_n_steps, self.last_every_minutes = last_every_n_steps, last_every_minutes
         self._last_time, self._last_step = time.monotonic(), -1
+        self._due = False  # a periodic save is owed (deferred past an epoch's first batch)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -309,12 +310,39 @@ class LesionCheckpoint(ModelCheckpoint):
         # on_train_batch_end before the LightningModule's, where EMA teachers take their update of the step.
         super().on_train_batch_start(trainer, pl_module, *args)
         step = trainer.global_step
-        due = (self.last_every_n_steps is not None and step % self.last_every_n_steps == 0) or (
-            self.last_every_minutes is not None and time.monotonic() - self._last_time >= 60 * self.last_every_minutes)
-        if due and step > 0 and step != self._last_step:
+        if step > 0 and self.last_every_n_steps is not None and step % self.last_every_n_steps == 0:
+            self._due = True
+        if self.last_every_minutes is not None and time.monotonic() - self._last_time >= 60 * self.last_every_minutes:
+            self._due = True
+        if step == self._last_step:
+            self._due = False  # last.ckpt already holds this step (written at its validation)
+        if not self._due or step == 0:
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.current.ready <= 1:
+            return  # an epoch's first batch: its epoch counters are mid-start; saved before the next batch
+        self._save_between_steps(trainer)
+        if trainer.is_global_zero:
+            print(f"checkpoint: {self.last_model_path} at step {step}", flush=True)
+
+    def _save_between_steps(self, trainer: L.Trainer) -> None:
+        """last.ckpt describing the completed step: weights, EMA, optimiser and the loop counters alike.
+
+        Lightning has counted the next batch as *ready* before ``on_train_batch_start``; saved as they are,
+        the counters would describe a batch that never ran, and a resumed run would validate (and log) one
+        step early (``tests/test_resume.py``). For the length of the save they are set back to the completed
+        batch, the state Lightning itself saves at a validation's end ("restarted on last"): on resume the
+        next batch is counted ready again, once.
+        """
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        assert progress.total.started == progress.total.completed == progress.total.ready - 1, progress
+        progress.total.ready -= 1
+        progress.current.ready -= 1
+        try:
             self.write_last(trainer)
-            if trainer.is_global_zero:
-                print(f"checkpoint: {self.last_model_path} at step {step}", flush=True)
+        finally:
+            progress.total.ready += 1
+            progress.current.ready += 1
+        self._due = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

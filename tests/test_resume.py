@@ -73,6 +73,61 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, data_dir):
         assert got_metrics[key] == want_metrics[key], key
 
 
+# Supervised AdamW/cosine on 8 labeled images: validation Dice moves between validations (every 8 steps),
+# so a validation run one step early changes the best checkpoint and metrics.json (issue 30, item 1).
+VARYING = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
+           "--config", "experiments/profile/smoke.yaml", "--trainer.max_steps", "48", "--trainer.val_check_interval", "8",
+           "--checkpoint.last_every_n_steps", "3", "--data.labeled_fraction", "0.5", "--model.optimizer", "adamw",
+           "--model.lr", "0.003", "--model.weight_decay", "0.01", "--model.schedule", "cosine",
+           "--trainer.enable_progress_bar", "false"]
+
+
+def kill_after_checkpoint(args: list[str], root: Path, env: dict, min_step: int) -> int:
+    """Start ``fit``, SIGKILL it as soon as a periodic last.ckpt at step >= min_step is on disk; that step."""
+    proc = subprocess.Popen([sys.executable, "-m", "lesion_kd.cli", "fit", *args, "--trainer.default_root_dir", str(root)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, deadline = [], time.time() + 300
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("checkpoint: ") and int(line.split(" at step ")[1]) >= min_step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        assert time.time() < deadline, "".join(seen[-50:])
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-50:])
+    (last,) = root.rglob("last.ckpt")
+    return int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+
+
+def validations(root: Path) -> list[tuple[int, str]]:
+    (log,) = root.rglob("metrics.csv")
+    return [(int(r["step"]), r["val/dice"]) for r in csv.DictReader(log.open()) if r.get("val/dice")]
+
+
+def test_resume_after_a_periodic_save_between_validations_validates_at_the_same_steps(tmp_path, data_dir):
+    """A periodic last.ckpt is written before the next batch, when Lightning has already counted that batch;
+    resumed from it, the run must validate at the uninterrupted run's steps, keep the same best checkpoint and
+    write the same metrics.json (it validated one step early, and picked another best, before the fix)."""
+    env = {**os.environ, "LESION_KD_DATA": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    lesion_kd("fit", *VARYING, "--trainer.default_root_dir", str(straight), env_extra=env)
+    want = validations(straight)
+    assert [s for s, _ in want] == [7, 15, 23, 31, 39, 47]  # logged at the step index of steps 8, 16, ... 48
+    assert len({d for _, d in want}) > 1, want  # the premise: Dice differs between validations
+
+    step_at_kill = kill_after_checkpoint(VARYING, killed, env, min_step=10)
+    assert step_at_kill % 8 and 8 < step_at_kill < 48 and not list(killed.rglob("metrics.json"))
+    lesion_kd("fit", *VARYING, "--trainer.default_root_dir", str(killed), "--ckpt_path", "last", env_extra=env)
+
+    assert validations(killed) == want
+    best = lambda root: sorted(p.name for p in root.rglob("best-*.ckpt"))  # noqa: E731
+    assert best(killed) == best(straight)
+    (m_want,), (m_got,) = straight.rglob("metrics.json"), killed.rglob("metrics.json")
+    assert json.loads(m_got.read_text()) == json.loads(m_want.read_text())
+    (csv_want,), (csv_got,) = straight.rglob("metrics.csv"), killed.rglob("metrics.csv")
+    assert csv_got.read_text() == csv_want.read_text()  # every logged row, at the same logging step
+
+
 def test_ckpt_path_last_without_a_previous_run_starts_a_new_one(tmp_path, data_dir):
     out = lesion_kd("fit", "--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
                     "--config", "experiments/profile/smoke.yaml", "--trainer.default_root_dir", str(tmp_path),
