@@ -192,3 +192,26 @@ def test_resumed_run_continues_its_wandb_run(tmp_path, data_dir):
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
     assert id_file.read_text().strip() == run_id
+
+
+def test_committed_resumed_cells_validated_at_their_profile_multiples():
+    """Every committed cell marked resumed (timing.json) validated at its own val_check_interval's multiples and
+    logged its training loss on its logging grid: none of them resumed from a periodic save taken before the
+    fix above (which would have shifted both by one step), so none needs a rerun."""
+    import yaml
+
+    results = REPO / "experiments" / "results"
+    checked = 0
+    for timing in sorted(results.rglob("timing.json")):
+        run = timing.parent
+        if not json.loads(timing.read_text()).get("resumed") or not (run / "metrics.csv").is_file():
+            continue
+        trainer = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+        every, log_every = int(trainer["val_check_interval"]), int(trainer["log_every_n_steps"])
+        rows = list(csv.DictReader((run / "metrics.csv").open()))
+        val = [int(r["step"]) for r in rows if r.get("val/dice")]
+        train = [int(r["step"]) for r in rows if r.get("train/loss")]
+        assert val and all((s + 1) % every == 0 for s in val), (run, val)
+        assert train and all((s + 1) % log_every == 0 for s in train), (run, train[:10])
+        checked += 1
+    assert checked >= 8  # the table's resumed cells (report: "8 resumed cell(s)")
