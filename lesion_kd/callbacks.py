@@ -26,33 +26,49 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
-# Names of config keys / environment variables whose values must never reach a logger.
-SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential|private[_-]?key|auth)", re.IGNORECASE)
+# Names of config keys / environment variables whose values must never reach a logger or a file we write.
+SECRET_NAME = re.compile(r"(api[_-]?key|token|secret|passw(or)?d|credential|private[_-]?key|auth|_key$)", re.IGNORECASE)
+# user[:password]@ in a URL (https://user:pass@host/..., s3://KEY@bucket): the credentials are cut, the rest kept
+URL_CREDENTIALS = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 REDACTED = "<redacted>"
 CLASS_LABELS = {0: "background", 1: "lesion"}
 
 
 def _secret_env_values() -> set[str]:
-    """Values of the environment variables named like secrets (WANDB_API_KEY, HF_TOKEN, ...)."""
+    """Values of the environment variables named like secrets (WANDB_API_KEY, HF_TOKEN, AWS_ACCESS_KEY, ...)."""
     # short values ("1", "true") are flags, not secrets: replacing them everywhere would garble the config
     return {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}
 
 
 def redact_secrets(obj: Any, _secrets: set[str] | None = None) -> Any:
-    """A copy of ``obj`` (nested dicts/lists of plain values) with secret-looking values replaced.
+    """``obj`` (nested dicts/lists/tuples of plain values) with secret-looking values replaced.
 
-    A value is secret-looking when its key is named like a secret (``api_key``, ``token``, ``password``, ...)
-    or when it contains the value of such an environment variable (e.g. ``WANDB_API_KEY``).
+    - a value whose key is named like a secret (``api_key``, ``token``, ``password``, ...) becomes ``<redacted>``;
+    - a string containing the value of such an environment variable (``WANDB_API_KEY``, ``*_KEY``, ``*TOKEN*``)
+      becomes ``<redacted>``;
+    - credentials in a URL are cut, the rest kept: ``https://user:pw@host/x`` -> ``https://<redacted>@host/x``.
+
+    Redacting is idempotent (a redacted value redacts to itself), so a config read back from a file we wrote
+    compares equal to the live one after both are redacted (``lightning_cli.changed_hparams``). What holds no
+    secret is returned as the very same object (types kept).
     """
     secrets = _secret_env_values() if _secrets is None else _secrets
     if isinstance(obj, dict):
-        return {k: REDACTED if isinstance(k, str) and SECRET_NAME.search(k) and obj[k] not in (None, "")
-                else redact_secrets(v, secrets) for k, v in obj.items()}
+        out = {k: REDACTED if isinstance(k, str) and SECRET_NAME.search(k) and obj[k] not in (None, "", REDACTED)
+               else redact_secrets(v, secrets) for k, v in obj.items()}
+        return obj if all(out[k] is obj[k] for k in obj) else out
     if isinstance(obj, (list, tuple)):
-        return [redact_secrets(v, secrets) for v in obj]
-    if isinstance(obj, str) and any(s in obj for s in secrets):
-        return REDACTED
+        items = [redact_secrets(v, secrets) for v in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return type(obj)(items) if type(obj) in (list, tuple) else items
+    if isinstance(obj, str):
+        if any(s in obj for s in secrets):
+            return REDACTED
+        cut = URL_CREDENTIALS.sub(lambda m: f"{m.group(1)}{REDACTED}@", obj)
+        return obj if cut == obj else cut
     return obj
 
 
@@ -60,7 +76,7 @@ def argv_has_secret(argv: list[str]) -> bool:
     """Whether a command line holds a secret-looking value (W&B would record it with the run's metadata)."""
     secrets = _secret_env_values()
     for i, tok in enumerate(argv):
-        if any(v in tok for v in secrets):
+        if any(v in tok for v in secrets) or URL_CREDENTIALS.search(tok):
             return True
         opt = tok.split("=", 1)[0]
         if opt.startswith("-") and SECRET_NAME.search(opt) and ("=" in tok or i + 1 < len(argv)):
@@ -88,6 +104,36 @@ def secret_safe_wandb_logger(**kwargs: Any):
 
         kwargs["settings"] = wandb.Settings(x_disable_meta=True)
     return SecretSafeWandbLogger(**kwargs)
+
+
+class SecretSafeCSVLogger(CSVLogger):
+    """``CSVLogger`` whose ``hparams.yaml`` holds redacted values (``redact_secrets``)."""
+
+    def log_hyperparams(self, params: Any = None) -> None:
+        from lightning.fabric.utilities.logger import _convert_params
+
+        super().log_hyperparams(redact_secrets(_convert_params(params)))
+
+
+class RunRecord(Callback):
+    """Every checkpoint carries the options that make a run this run, and no secret.
+
+    - ``checkpoint["lesion_kd_run"]``: the seed, data and budget options (``lightning_cli.run_options``), which
+      ``--ckpt_path`` compares with the resuming command's before training (another run is refused);
+    - the model's and data module's hyperparameters Lightning dumps into the checkpoint pass through
+      ``redact_secrets``, as ``config.yaml`` and ``hparams.yaml`` do.
+    """
+
+    KEY = "lesion_kd_run"
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = self.options
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = redact_secrets(checkpoint[key])
 
 
 def find_wandb_logger(trainer: L.Trainer):

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .callbacks import LesionCheckpoint
 from .data import LesionDataModule
@@ -55,12 +55,20 @@ class LesionCLI(LightningCLI):
     def _sub(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
-    def instantiate_trainer(self, **kwargs):
+    def _resolved_config(self) -> dict:
+        """The resolved config (every option, defaults included) as plain data, without the --config paths."""
         import yaml
+
+        config = yaml.safe_load(self._parser(self.subcommand).dump(self._sub(), skip_none=False, format="yaml"))
+        config.pop("config", None)  # the --config file paths: the resolved values are what matters
+        return config
+
+    def instantiate_trainer(self, **kwargs):
 
         from .callbacks import (
             CheckpointOnSigterm,
             ProgressLines,
+            RunRecord,
             StepSeeding,
             TrainIdsRecorder,
             WandbPredictionImages,
@@ -72,7 +80,7 @@ class LesionCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         sub = self._sub()
         csv_unless_configured(trainer, sub.get("trainer.logger"))
-        extra: list = [CheckpointOnSigterm(), StepSeeding()]
+        extra: list = [CheckpointOnSigterm(), StepSeeding(), RunRecord(run_options(self._resolved_config()))]
         if trainer.progress_bar_callback is None:  # a log file, not a terminal: a line now and then instead
             extra.append(ProgressLines())
         if self.subcommand == "fit":
@@ -89,8 +97,7 @@ class LesionCLI(LightningCLI):
             labels = f"{round(dm.labeled_fraction * 100)}pct"
             name = f"{dataset}-{self.model.results_name}-{self.model.hparams.network}-{labels}-seed{sub.get('seed_everything')}"
             # the resolved config (every option, defaults included) as the run config, secrets never written
-            config = yaml.safe_load(self._parser(self.subcommand).dump(sub, skip_none=False, format="yaml"))
-            config.pop("config", None)  # the --config file paths: the resolved values are what matters
+            config = self._resolved_config()
             # a resumed run (--ckpt_path last) continues its W&B run: the id is kept beside the run's files
             id_file = Path(trainer.log_dir) / "wandb_id.txt" if trainer.log_dir else None
             run_id = id_file.read_text().strip() if self._resuming and id_file and id_file.is_file() else None
@@ -132,11 +139,13 @@ class LesionCLI(LightningCLI):
         self.model.on_nonfinite = self._sub().get("on_nonfinite", "stop")
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt and not os.environ.get(ALLOW_CHANGED_RESUME):
-            changed = changed_hparams(ckpt, dict(self.model.hparams), getattr(self.model, "NEUTRAL_ADDED_OPTIONS", None))
+            changed = changed_run_options(ckpt, run_options(self._resolved_config()))
+            changed += changed_hparams(ckpt, dict(self.model.hparams), getattr(self.model, "NEUTRAL_ADDED_OPTIONS", None))
             if changed:
                 raise SystemExit(
-                    f"lesion-kd fit: {ckpt} was trained with another model configuration, and resuming it would "
-                    f"mix the two in one run: {'; '.join(changed)}. Resume with the run's own config.yaml "
+                    f"lesion-kd fit: {ckpt} was trained with another configuration (seed, data, budget or model), "
+                    f"and resuming it would mix two runs in one result and overwrite the first one's config.yaml and "
+                    f"split.json: {'; '.join(changed)}. Resume with the run's own config.yaml "
                     f"(--config <run>/config.yaml), start a new run (another --trainer.default_root_dir), or set "
                     f"{ALLOW_CHANGED_RESUME}=1 to resume anyway."
                 )
@@ -174,10 +183,69 @@ def csv_unless_configured(trainer, configured) -> None:
     """Lightning's default logger (``trainer.logger`` left at null/true) is TensorBoard where tensorboard happens
     to be installed and CSV elsewhere; the suite reads ``metrics.csv`` (the report's curves, sweeps, exact
     resume), so the default is a CSVLogger wherever the run happens. A logger the config names is kept."""
-    from lightning.pytorch.loggers import CSVLogger
+    from .callbacks import SecretSafeCSVLogger
 
     if configured is None or configured is True:
-        trainer.loggers = [CSVLogger(save_dir=trainer.default_root_dir)]
+        trainer.loggers = [SecretSafeCSVLogger(save_dir=trainer.default_root_dir)]
+
+
+# What makes a run this run, besides the model's options (compared through the checkpoint's hyperparameters):
+# the seed, the data options except those that only say where things are or how fast they load, and the
+# trainer options that set the training budget and its arithmetic.
+DATA_NEUTRAL = frozenset({"root", "data_dir", "cache_dir", "num_workers", "predict_input", "run_dir",
+                          "eval_original_resolution"})
+TRAINER_RUN = ("max_steps", "max_epochs", "min_steps", "min_epochs", "val_check_interval", "check_val_every_n_epoch",
+               "accumulate_grad_batches", "precision", "limit_train_batches", "limit_val_batches",
+               "gradient_clip_val", "gradient_clip_algorithm", "devices", "num_nodes")
+
+
+def run_options(config: dict) -> dict:
+    """``{"seed_everything": .., "data.<option>": .., "trainer.<budget option>": ..}`` of a resolved config
+    (as ``config.yaml`` holds it), secrets redacted: what ``--ckpt_path`` requires to be the same on resume."""
+    from .callbacks import redact_secrets
+
+    def flat(d: dict, prefix: str) -> dict:
+        out: dict = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
+        return out
+
+    out = {"seed_everything": config.get("seed_everything")}
+    data = config.get("data") or {}
+    out.update(flat({k: v for k, v in data.items() if k not in DATA_NEUTRAL}, "data"))
+    trainer = config.get("trainer") or {}
+    out.update({f"trainer.{k}": trainer.get(k) for k in TRAINER_RUN})
+    return redact_secrets(out)
+
+
+def _norm(v):  # tuples vs lists, numbers vs strings after a round trip: compare what JSON sees
+    import json
+
+    return json.loads(json.dumps(v, default=str, sort_keys=True))
+
+
+def changed_run_options(ckpt: str | os.PathLike, options: dict) -> list[str]:
+    """``option: old -> new`` for every run option (``run_options``) that differs between the run a checkpoint
+    belongs to and this command. The old options come from the checkpoint (``RunRecord``), else from the
+    ``config.yaml`` of its run directory (checkpoints written before the record existed); none: nothing to say."""
+    import torch
+    import yaml
+
+    old = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("lesion_kd_run")
+    if old is None:
+        config_file = Path(ckpt).parent.parent / "config.yaml"
+        if not config_file.is_file():
+            return []
+        old = run_options(yaml.safe_load(config_file.read_text()) or {})
+    absent = object()
+    out = []
+    for key in sorted(set(old) | set(options)):
+        a, b = old.get(key, absent), options.get(key, absent)
+        if a is absent or b is absent:
+            continue  # an option added to (or removed from) the code since: the model check covers options
+        if _norm(a) != _norm(b):
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
 
 
 def changed_hparams(ckpt: str | os.PathLike, hparams: dict, neutral: dict | None = None) -> list[str]:
@@ -187,15 +255,15 @@ def changed_hparams(ckpt: str | os.PathLike, hparams: dict, neutral: dict | None
     change the training, as ``map_centered``'s did), unless ``neutral`` names it with the value that trains
     exactly as the code did before the option existed (a module's ``NEUTRAL_ADDED_OPTIONS``) and the run
     has that value."""
-    import json
-
     import torch
 
-    def norm(v):  # tuples vs lists, numbers vs strings after a round trip: compare what JSON sees
-        return json.loads(json.dumps(v, default=str, sort_keys=True))
+    from .callbacks import redact_secrets
 
-    # mmap: only the small hyper_parameters entry is read, not the weights (the trainer loads those next)
-    old = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    norm = _norm
+    # mmap: only the small hyper_parameters entry is read, not the weights (the trainer loads those next).
+    # Both sides redacted: a checkpoint holds its secrets redacted (RunRecord), and that is no change.
+    old = redact_secrets(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {})
+    hparams = redact_secrets(hparams)
     absent = object()
 
     def show(v) -> str:
@@ -211,11 +279,38 @@ def changed_hparams(ckpt: str | os.PathLike, hparams: dict, neutral: dict | None
     return out
 
 
+class SecretSafeSaveConfig(SaveConfigCallback):
+    """``config.yaml`` beside the run, written atomically, secrets redacted (``callbacks.redact_secrets``).
+
+    A config with nothing to redact is written exactly as LightningCLI writes it. A redacted one still resumes:
+    ``--config <run>/config.yaml --ckpt_path last`` compares redacted values with redacted values."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        import yaml
+
+        from .callbacks import redact_secrets
+        from .data.io import atomic_write_bytes
+
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero and log_dir is not None:
+            text = self.parser.dump(self.config, skip_none=False)
+            doc = yaml.safe_load(text)
+            redacted = redact_secrets(doc)
+            if redacted is not doc:
+                text = yaml.safe_dump(redacted, sort_keys=False)
+            atomic_write_bytes(Path(log_dir) / self.config_filename, text.encode())
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
 def run_lightning(args: list[str] | None) -> None:
     LesionCLI(
         SegmentationModule,
         LesionDataModule,
         subclass_mode_model=True,
+        save_config_callback=SecretSafeSaveConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         parser_kwargs={"default_env": False},

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from .callbacks import SecretSafeCSVLogger
 from .data.io import atomic_write_bytes
 
 
@@ -56,7 +57,7 @@ class _AppendingWriter(ExperimentWriter):
         pass
 
 
-class ResumedCSVLogger(CSVLogger):
+class ResumedCSVLogger(SecretSafeCSVLogger):
     """A CSVLogger that continues an existing ``metrics.csv`` (rows after ``resume_step`` dropped)."""
 
     def __init__(self, *args, resume_step: int, **kwargs) -> None:
@@ -82,7 +83,7 @@ def resume_in_place(trainer, ckpt: Path) -> bool:
     step = checkpoint_step(ckpt)
     loggers = []
     for lg in trainer.loggers:
-        if type(lg) is CSVLogger and Path(lg.root_dir) == run_dir.parent:
+        if isinstance(lg, CSVLogger) and not isinstance(lg, ResumedCSVLogger) and Path(lg.root_dir) == run_dir.parent:
             lg = ResumedCSVLogger(lg.save_dir, name=lg.name, version=int(version) if version.isdigit() else version,
                                   resume_step=step)
         loggers.append(lg)

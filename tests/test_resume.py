@@ -144,13 +144,76 @@ def test_resuming_with_another_model_configuration_is_refused_naming_the_change(
             "--config", "experiments/profile/smoke.yaml", "--trainer.default_root_dir", str(tmp_path),
             "--test_after_fit", "false", "--trainer.max_steps", "2"]
     lesion_kd("fit", *base, env_extra=env)
-    args = [*base, "--ckpt_path", "last", "--trainer.max_steps", "3"]
+    args = [*base, "--ckpt_path", "last"]
     proc = subprocess.run([sys.executable, "-m", "lesion_kd.cli", "fit", *args, "--model.lr", "0.5"], cwd=REPO,
                           env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "was trained with another model configuration" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "was trained with another configuration" in proc.stderr, proc.stderr[-2000:]
     assert "model.lr: 0.01 -> 0.5" in proc.stderr
     out = lesion_kd("fit", *args, env_extra=env)  # the same options resume
     assert "resuming" in out.stdout
+
+
+def test_resuming_another_run_is_refused_listing_seed_data_and_budget(tmp_path, data_dir):
+    """Another seed, another labeled fraction or another budget is another run: refused before anything is
+    written, naming every differing option; the run's config.yaml and split.json stay as they were. The
+    override variable resumes anyway, on purpose."""
+    env = {"LESION_KD_DATA": str(data_dir)}
+    base = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
+            "--config", "experiments/profile/smoke.yaml", "--trainer.default_root_dir", str(tmp_path),
+            "--test_after_fit", "false", "--trainer.max_steps", "2"]
+    lesion_kd("fit", *base, env_extra=env)
+    (run,) = tmp_path.glob("lightning_logs/version_0")
+    before = {f: (run / f).read_bytes() for f in ("config.yaml", "split.json")}
+    other = ["--ckpt_path", "last", "--seed_everything", "1", "--data.labeled_fraction", "0.2", "--trainer.max_steps", "4"]
+    proc = subprocess.run([sys.executable, "-m", "lesion_kd.cli", "fit", *base, *other], cwd=REPO,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    for change in ("seed_everything: 0 -> 1", "data.labeled_fraction: 0.1 -> 0.2", "trainer.max_steps: 2 -> 4"):
+        assert change in proc.stderr, proc.stderr[-2000:]
+    assert {f: (run / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in tmp_path.glob("lightning_logs/*")) == ["version_0"]
+    out = lesion_kd("fit", *base, *other, env_extra={**env, "LESION_KD_RESUME_CHANGED_CONFIG": "1"})
+    assert "resuming" in out.stdout
+    assert json.loads((run / "split.json").read_text())["labeled_fraction"] == 0.2  # continued, on purpose
+
+
+def test_nothing_the_suite_writes_holds_a_secret_and_a_redacted_run_still_resumes(tmp_path, data_dir):
+    """Credentials in a URL option value and the value of a *TOKEN* variable never reach config.yaml,
+    hparams.yaml, either checkpoint or any other file of the run; resumed from its own (redacted)
+    config.yaml, the run resumes: a redacted value is no change."""
+    token = "tok-9f8e7d6c5b4a-secret"
+    env = {"LESION_KD_DATA": str(data_dir), "LESION_KD_TEST_TOKEN": token}
+    url = "https://bob:hunter2-pw@example.org/images/x.png"
+    args = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
+            "--config", "experiments/profile/smoke.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--data.predict_input", url, "--predict_output", f"/tmp/{token}"]
+    lesion_kd("fit", *args, env_extra=env)
+    files = [f for f in (tmp_path / "runs").rglob("*") if f.is_file()]
+    names = {f.name for f in files}
+    assert {"config.yaml", "hparams.yaml", "last.ckpt", "metrics.json", "split.json"} <= names
+    assert any(n.startswith("best-") for n in names)
+    for f in files:
+        data = f.read_bytes()
+        assert b"hunter2-pw" not in data and token.encode() not in data, f"secret written to {f}"
+    (config,) = (tmp_path / "runs").rglob("config.yaml")
+    assert "https://<redacted>@example.org/images/x.png" in config.read_text()
+    (last,) = (tmp_path / "runs").rglob("last.ckpt")
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["datamodule_hyper_parameters"]["predict_input"] == "https://<redacted>@example.org/images/x.png"
+    out = lesion_kd("fit", "--config", str(config), "--ckpt_path", "last", env_extra=env)
+    assert "resuming" in out.stdout
+
+
+def test_redaction_cuts_url_credentials_and_is_idempotent(monkeypatch):
+    from lesion_kd.callbacks import REDACTED, redact_secrets
+
+    monkeypatch.setenv("MY_SERVICE_KEY", "k-0123456789")
+    cfg = {"a": "s3://AKIA:xyz@bucket/p", "b": ("plain", "https://h.org/x"), "c": "use k-0123456789 here", "n": 3}
+    red = redact_secrets(cfg)
+    assert red == {"a": f"s3://{REDACTED}@bucket/p", "b": ("plain", "https://h.org/x"), "c": REDACTED, "n": 3}
+    assert red["b"] is cfg["b"] and redact_secrets(red) == red  # untouched values kept as they are; idempotent
+    clean = {"x": [1, "y"]}
+    assert redact_secrets(clean) is clean
 
 
 def test_changed_hparams_counts_an_option_the_checkpoint_lacks(tmp_path):
@@ -188,7 +251,9 @@ def test_resumed_run_continues_its_wandb_run(tmp_path, data_dir):
     lesion_kd("fit", *args, "--trainer.max_steps", "2", env_extra=env)
     (id_file,) = tmp_path.rglob("wandb_id.txt")
     run_id = id_file.read_text().strip()
-    lesion_kd("fit", *args, "--trainer.max_steps", "4", "--ckpt_path", "last", env_extra=env)
+    # a longer budget is another run: continued on purpose
+    lesion_kd("fit", *args, "--trainer.max_steps", "4", "--ckpt_path", "last",
+              env_extra={**env, "LESION_KD_RESUME_CHANGED_CONFIG": "1"})
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs), runs
     assert id_file.read_text().strip() == run_id
