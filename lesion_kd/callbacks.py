@@ -400,6 +400,65 @@ class LesionCheckpoint(ModelCheckpoint):
         self.write_last(trainer)
 
 
+class DivergenceGuard(Callback):
+    """Stop a run whose training loss explodes, before it writes a result.
+
+    The reference is the supervised loss (``sup``, else the total ``loss``) of the run's first training step:
+    the scale of a segmentation objective at initialisation. A step whose total loss exceeds ``max_ratio``
+    times that reference raises :class:`~lesion_kd.errors.RunDiverged` naming the step and both values. At
+    the default of 100 no committed cell comes near it (their largest logged loss is under 5x their first
+    logged supervised loss, CauSSL's; ``tests/test_nonfinite.py`` checks every committed ``metrics.csv``), while
+    ``--model.lr 1000`` (loss 1e14) or Mean Teacher at ``--model.consistency 1e9`` (1e5x at its first step)
+    stop at once. Non-finite losses are the module's own check (``--on_nonfinite``). The reference is kept in
+    checkpoints, so a resumed run judges by the same one. Under DDP the ranks agree (any rank's explosion
+    stops all).
+
+    Args:
+        max_ratio: the threshold (``--max_loss_ratio``); 0 or less turns the check off.
+    """
+
+    def __init__(self, max_ratio: float = 100.0) -> None:
+        self.max_ratio = max_ratio
+        self.reference: float | None = None
+
+    @staticmethod
+    def loss_terms(pl_module: L.LightningModule) -> tuple[float, float] | None:
+        """(this step's total loss, its supervised term or total) as logged by ``log_losses``, or None."""
+        losses = getattr(pl_module, "_last_losses", None) or {}
+        if "loss" not in losses:
+            return None
+        total = float(losses["loss"])
+        return total, float(losses["sup"]) if "sup" in losses else total
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        terms = self.loss_terms(pl_module)
+        if self.max_ratio <= 0 or terms is None or not all(np.isfinite(terms)):
+            return
+        total, sup = terms
+        if self.reference is None:
+            self.reference = abs(sup) if sup != 0 else abs(total)
+        exploded = self.reference > 0 and abs(total) > self.max_ratio * self.reference
+        flag = torch.tensor([float(exploded)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            flag = flag.to(pl_module.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if float(flag.item()) > 0:
+            from .errors import RunDiverged
+
+            here = (f"loss {total:.3g} is {abs(total) / self.reference:.3g}x the supervised loss of the first step "
+                    f"({self.reference:.3g})" if exploded else "another process's loss exploded")
+            raise RunDiverged(
+                f"training diverged at step {trainer.global_step}: {here}, over --max_loss_ratio {self.max_ratio:g}. "
+                f"No result was written. Lower the learning rate or the loss weights (--max_loss_ratio 0 turns "
+                f"this check off)")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = state_dict.get("reference")
+
+
 class StepSeeding(Callback):
     """Seed torch, NumPy and ``random`` before every training batch from (run seed, batch count, rank).
 

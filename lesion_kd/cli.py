@@ -55,7 +55,7 @@ def _config_args(path: str, seen: tuple[str, ...] = ()) -> list[str]:
     p = Path(path)
     if not p.is_file():
         return ["--config", path]  # jsonargparse reports the missing file (or parses an inline YAML string)
-    doc = yaml.safe_load(p.read_text()) or {}
+    doc = load_yaml(p) or {}
     if not isinstance(doc, dict) or "compose" not in doc:
         return ["--config", path]
     if str(p.resolve()) in seen:
@@ -69,6 +69,21 @@ def _config_args(path: str, seen: tuple[str, ...] = ()) -> list[str]:
     if doc:
         out += ["--config", yaml.safe_dump(doc)]
     return out
+
+
+def load_yaml(path: Path):
+    """A YAML file's content; malformed YAML is a :class:`UserInputError` naming the file, line and column."""
+    import yaml
+
+    from .errors import UserInputError
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise UserInputError(f"{where}: not valid YAML: {what}") from None
 
 
 def expand_configs(argv: list[str]) -> list[str]:
@@ -92,10 +107,70 @@ def expand_configs(argv: list[str]) -> list[str]:
 SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
 
 
+def _model_choice(args: list[str]) -> str | None:
+    """The method class a command line selects (``--model X`` or a config's ``model: {class_path: X}``; the
+    last one wins, as in jsonargparse), when it is given as a name; None if none or not a plain name."""
+    import yaml
+
+    choice = None
+    for i, a in enumerate(args):
+        value = None
+        if a in ("--model", "--config") and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(("--model=", "--config=")):
+            value = a.split("=", 1)[1]
+        if value is None:
+            continue
+        if a.startswith("--model") and not value.lstrip().startswith(("{", "class_path")) and not Path(value).is_file():
+            choice = value.strip()
+            continue
+        doc = load_yaml(Path(value)) if Path(value).is_file() else None
+        if doc is None and not Path(value).is_file():
+            try:
+                doc = yaml.safe_load(value)  # an inline YAML string
+            except yaml.YAMLError:
+                doc = None
+        if a.startswith("--model"):
+            doc = {"model": doc}
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if isinstance(model, str):
+            choice = model
+        elif isinstance(model, dict) and isinstance(model.get("class_path"), str):
+            choice = model["class_path"]
+    return choice
+
+
+def check_method_name(args: list[str]) -> None:
+    """An unknown method name is refused naming the available methods and the closest one (jsonargparse
+    would print its whole usage and "Expected a dot import path string"). A dotted path outside
+    ``lesion_kd`` (a user's own method class) is left to jsonargparse."""
+    import difflib
+
+    from .errors import UserInputError
+
+    choice = _model_choice(args)
+    if not choice or ("." in choice and not choice.startswith("lesion_kd.")):
+        return
+    from . import methods
+
+    names = sorted(n for n in methods.__all__ if isinstance(getattr(methods, n), type)
+                   and issubclass(getattr(methods, n), methods.SegmentationModule) and n != "SegmentationModule")
+    name = choice.rsplit(".", 1)[-1]
+    if name in names:
+        return
+    lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.5)
+    hint = f"; did you mean {lower[close[0]]!r}?" if close else ""
+    raise UserInputError(f"--model {choice}: no such method{hint} Available methods: {', '.join(names)} "
+                         f"(each with its config in experiments/method/)")
+
+
 def run_lightning(args: list[str] | None) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from .lightning_cli import run_lightning as _run  # Lightning and the training code load only here
+
+    check_method_name(args or [])
 
     finished = False
     try:
@@ -143,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP.format(commands="\n".join(lines)))
         return 0
     if argv[0] in SUITE_COMMANDS:
-        return int(_call(SUITE_COMMANDS[argv[0]][0], argv[1:]) or 0)
+        return report_user_errors(argv[0], lambda: int(_call(SUITE_COMMANDS[argv[0]][0], argv[1:]) or 0))
     if argv[0] not in LIGHTNING_COMMANDS:
         print(f"lesion-kd: unknown command {argv[0]!r}; run 'lesion-kd --help' for the list", file=sys.stderr)
         return 2
@@ -157,7 +232,24 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning's own call of a torch API that torch 2.14 deprecates: nothing a user can act on
     warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated")
-    return run_lightning(expand_configs(argv))
+    return report_user_errors(argv[0], lambda: run_lightning(expand_configs(argv)))
+
+
+def report_user_errors(command: str, run) -> int:
+    """Run ``run()``; a user error (bad data or option, ``errors.is_user_error``) is one message on stderr and
+    exit status 2, its traceback only with ``LESION_KD_DEBUG=1``. Bugs keep their traceback."""
+    import os
+
+    from .errors import DEBUG_ENV, find_user_error
+
+    try:
+        return run()
+    except Exception as e:
+        user = find_user_error(e)
+        if user is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"lesion-kd {command}: error: {user}\n(set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

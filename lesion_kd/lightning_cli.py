@@ -46,6 +46,9 @@ class LesionCLI(LightningCLI):
         parser.add_argument("--on_nonfinite", type=str, default="stop", choices=["stop", "skip"],
                             help="a non-finite loss or gradient stops the run naming the term and step (stop), "
                                  "or drops that step and counts it (skip)")
+        parser.add_argument("--max_loss_ratio", type=float, default=100.0,
+                            help="stop a run whose training loss exceeds this many times the supervised loss of its "
+                                 "first step (a diverged run writes no result; 0: off)")
         parser.add_argument("--predict_output", type=str | None, default=None,
                             help="predict: folder for <id>_mask.png and <id>_overlay.png (default: predictions/ in the run directory)")
         parser.add_argument("--results_root", type=str | None, default=None,
@@ -67,6 +70,7 @@ class LesionCLI(LightningCLI):
 
         from .callbacks import (
             CheckpointOnSigterm,
+            DivergenceGuard,
             ProgressLines,
             RunRecord,
             StepSeeding,
@@ -80,7 +84,8 @@ class LesionCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         sub = self._sub()
         csv_unless_configured(trainer, sub.get("trainer.logger"))
-        extra: list = [CheckpointOnSigterm(), StepSeeding(), RunRecord(run_options(self._resolved_config()))]
+        extra: list = [CheckpointOnSigterm(), StepSeeding(), RunRecord(run_options(self._resolved_config())),
+                       DivergenceGuard(sub.get("max_loss_ratio", 100.0))]
         if trainer.progress_bar_callback is None:  # a log file, not a terminal: a line now and then instead
             extra.append(ProgressLines())
         if self.subcommand == "fit":

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import signal
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -53,7 +54,12 @@ class LesionDataModule(L.LightningDataModule):
         max_train_images: use only the first N images of the training split (smoke tests).
         max_val_images: use only the first N validation images.
         max_test_images: use only the first N test images.
-        on_bad_sample: ``error`` stops at set-up naming the bad file; ``skip`` drops it with a warning and counts it.
+        on_bad_sample: ``error`` stops at set-up naming the bad file; ``skip`` drops it with a warning and counts
+            it (``bad_samples`` in ``split.json``). Skipped: an unreadable or corrupt image or mask, a mask whose
+            size differs from its image's, a mask with more than two levels, and, in a user folder, an image
+            without a mask (a mask without an image is ignored). Never skipped: a missing, empty or ambiguous
+            folder (two files with one id), a CSV listing's rows, and files a known dataset's committed split
+            names (its split would change).
         cache_dir: where prepared images (and teacher embeddings) are cached (default ``$LESION_KD_CACHE`` or
             ``~/.cache/lesion_kd``); never inside the dataset folder.
         predict_input: what ``predict`` segments: ``test``/``val``/``train`` (a split of the dataset) or a path to
@@ -110,6 +116,7 @@ class LesionDataModule(L.LightningDataModule):
         self.dataset_name = dataset
         # set by a method that needs more per training sample (e.g. cached teacher embeddings); picklable
         self.sample_extras = None
+        self._scan_skipped: list[str] = []  # a user folder's images without a mask, masks without an image (skip)
         self._ready = False
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -120,6 +127,8 @@ class LesionDataModule(L.LightningDataModule):
         if name in DATASETS:
             spec = DATASETS[name]
             root = Path(hp.root) if hp.root else data_dir(hp.data_dir) / spec.folder
+            if hp.root and not root.is_dir():
+                raise DataError(f"data.root={hp.root}: no such folder (where dataset {name!r} was to be read)")
             if not root.is_dir():
                 raise DataError(
                     f"{root}: dataset {name!r} not found; set data.data_dir or ${'LESION_KD_DATA'} to the folder "
@@ -140,9 +149,11 @@ class LesionDataModule(L.LightningDataModule):
             splits = split_listing(samples, tuple(hp.split_fractions), hp.split_seed)
             return root.stem, root, samples, splits, f"seeded {grouped}split of {root} (seed {hp.split_seed})"
         if not root.is_dir():
+            if hp.root:
+                raise DataError(f"data.root={hp.root}: no such folder")
             known = ", ".join(sorted(DATASETS))
             raise DataError(f"data.dataset={name!r}: neither a known dataset ({known}) nor an existing folder")
-        samples = scan_folder(root)
+        samples = scan_folder(root, skipped=self._scan_skipped if hp.on_bad_sample == "skip" else None)
         splits = random_split(samples, tuple(hp.split_fractions), hp.split_seed)
         return root.name, root, samples, splits, f"seeded split of {root} (seed {hp.split_seed})"
 
@@ -150,11 +161,15 @@ class LesionDataModule(L.LightningDataModule):
         if self._ready:
             return
         hp = self.hparams
+        self._scan_skipped = []
         name, root, samples, split_ids, source = self.resolve()
         self.dataset_name, self.root = name, root
         by_id = {s.id: s for s in samples}
         limits = {"train": hp.max_train_images, "val": hp.max_val_images, "test": hp.max_test_images}
-        self.bad_samples = []
+        self.bad_samples = list(self._scan_skipped)
+        if self._scan_skipped:
+            warnings.warn(f"{root}: skipped {len(self._scan_skipped)} file(s) without a partner (data.on_bad_sample="
+                          f"skip); first: {self._scan_skipped[0]}", stacklevel=2)
         for split, ids in split_ids.items():
             chosen = [by_id[i] for i in ids][: limits[split]] if limits[split] else [by_id[i] for i in ids]
             if not chosen:

@@ -35,11 +35,13 @@ def _index(folder: Path) -> dict[str, Path]:
     return files
 
 
-def scan_folder(root: str | Path, require_masks: bool = True) -> list[Sample]:
+def scan_folder(root: str | Path, require_masks: bool = True, skipped: list[str] | None = None) -> list[Sample]:
     """List the samples of ``root`` (a folder with ``images/`` and ``masks/``), sorted by id.
 
     Raises :class:`DataError` naming the folder or file for a missing folder, an empty folder, an image
-    without a mask (when ``require_masks``) or a mask without an image.
+    without a mask (when ``require_masks``) or a mask without an image. Given a ``skipped`` list
+    (``data.on_bad_sample=skip``), an image without a mask is left out and its message appended there
+    instead, and a mask without an image is ignored the same way.
     """
     root = Path(root)
     if not root.is_dir():
@@ -57,12 +59,18 @@ def scan_folder(root: str | Path, require_masks: bool = True) -> list[Sample]:
         raise DataError(f"{root}: no masks/ folder (expected images/ and masks/)")
     if require_masks:
         missing = [i for i in images if i not in masks]
-        if missing:
+        orphans = [m for m in masks if m not in images]
+        if skipped is not None:
+            skipped += [f"{images[i]}: no mask for this image in {mask_dir}" for i in missing]
+            skipped += [f"{masks[m]}: mask without an image in {img_dir}" for m in orphans]
+            images = {i: p for i, p in images.items() if i not in set(missing)}
+            if not images:
+                raise DataError(f"{img_dir}: no image has a mask in {mask_dir}")
+        elif missing:
             raise DataError(
                 f"{img_dir / images[missing[0]].name}: no mask for this image in {mask_dir} "
                 f"({len(missing)} image(s) without a mask)"
             )
-        orphans = [m for m in masks if m not in images]
-        if orphans:
+        elif orphans:
             raise DataError(f"{masks[orphans[0]]}: mask without an image in {img_dir}")
     return [Sample(id=i, image=images[i], mask=masks.get(i)) for i in sorted(images)]

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import UserInputError
+
 # ".nii.gz" has a double suffix: match names with ``name.lower().endswith(ext)``, never ``Path.suffix``.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".npy", ".dcm", ".nii",
                     ".nii.gz")
@@ -28,7 +30,7 @@ def split_image_name(name: str) -> tuple[str, str] | None:
     return (name[: -len(ext)], ext) if ext is not None else None
 
 
-class DataError(ValueError):
+class DataError(UserInputError):
     """Bad input data; the message names the file and the problem."""
 
 

@@ -15,6 +15,7 @@ import io
 import logging
 import os
 import warnings
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,15 +127,19 @@ def prepare_samples(
 
 
 def load_canonical(sample: Sample, size: int, cache_dir: str | os.PathLike | None = None) -> Canonical:
-    """Read a prepared sample (preparing it on the fly when its entry is missing or unreadable)."""
+    """Read a prepared sample, preparing it again when its entry is missing or damaged (truncated, garbled,
+    not a zip, a member missing): a damaged entry is rebuilt from the source files with a warning naming it."""
     path = entry_path(cache_root(cache_dir), sample, size)
     for attempt in range(2):
         try:
             with np.load(path) as z:
                 return Canonical(z["image"], z["mask"] if "mask" in z else None, tuple(int(v) for v in z["orig_hw"]))
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             if attempt:
                 raise DataError(f"{path}: unreadable cache entry for {sample.image} ({e})") from e
+            if path.is_file():
+                warnings.warn(f"{path}: damaged cache entry for {sample.image} ({type(e).__name__}: {e}); rebuilt",
+                              RuntimeWarning, stacklevel=2)
             _, err = _prepare_one((sample, size, str(path)))
             if err:
                 raise DataError(err) from None
