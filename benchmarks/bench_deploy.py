@@ -77,7 +77,7 @@ def _torch_net(name: str, ckpt: str | None):
     from lesion_kd.models import build_model
 
     if name == "mamba_unet" and ckpt:
-        from lesion_kd.methods.semikd import load_student
+        from lesion_kd.models.loading import load_student
 
         return load_student(ckpt).eval()
     torch.manual_seed(0)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lesion_kd.methods.semikd import load_student
+from lesion_kd.models.loading import load_student
 
 
 def images(root: Path, dataset: str, n: int = 16, size: int = 160) -> torch.Tensor:

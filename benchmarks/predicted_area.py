@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lesion_kd.methods.semikd import load_student
 from lesion_kd.metrics import image_metrics
+from lesion_kd.models.loading import load_student
 
 
 def _load(path: Path, size: int, rgb: bool) -> np.ndarray:

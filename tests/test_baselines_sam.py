@@ -14,9 +14,10 @@ from test_baselines import batch
 from test_teacher import TINY_SAM, dice, disk_scene
 
 from lesion_kd.methods import CPCSAM, SemiSAMMT
-from lesion_kd.methods.cpc_sam import LoRAQKV, SAMDualDecoder, add_lora, point_prompts, to_model_frame
+from lesion_kd.methods.cpc_sam import point_prompts, to_model_frame
 from lesion_kd.methods.semisam_mt import box_from_prediction
 from lesion_kd.models import build_teacher
+from lesion_kd.models.sam_lora import LoRAQKV, SAMDualDecoder, add_lora
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")

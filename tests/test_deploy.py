@@ -279,7 +279,7 @@ def test_exported_masks_equal_eager_pytorch_on_kvasir(exported, data_dir):
     from lesion_kd.data.io import read_image
     from lesion_kd.data.prep import resize_image
     from lesion_kd.deploy.segment import open_model
-    from lesion_kd.methods.semikd import load_student
+    from lesion_kd.models.loading import load_student
 
     net = load_student(str(exported["ckpt"]))
     x = np.stack([resize_image(read_image(f), 64) for f in _kvasir(data_dir, 6)]).astype(np.float32)

@@ -1,6 +1,6 @@
 """Export the student network of any method checkpoint to ONNX or TorchScript, verified before it is written.
 
-Only the plain student is exported (:func:`lesion_kd.methods.semikd.load_student`: no teacher, projector
+Only the plain student is exported (:func:`lesion_kd.models.loading.load_student`: no teacher, projector
 or training code). Contract of the exported graph (also stored in the file, :mod:`.metadata`)::
 
     image  float32 (batch, 3, S, S), RGB in [0, 1], no mean/std normalisation  ->  logits (batch, C, S, S)
@@ -307,7 +307,7 @@ def export_student(
     if tolerance <= 0:
         raise ExportError(f"--tolerance {tolerance}: must be > 0")
     hp, dm_hp = _load_checkpoint_hparams(ckpt)
-    from ..methods.semikd import load_student  # torch + the method classes; only the plain network is kept
+    from ..models.loading import load_student  # torch and the networks; only the plain network is kept
 
     net = load_student(str(ckpt), map_location="cpu").float().eval()
     multiple = _size_multiple(net)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..data.io import DataError, atomic_write_bytes, read_image, split_image_name, write_png
 from ..data.prep import resize_image
+from ..viz import overlay
 from . import metadata as md
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "SegmentSummary",
     "list_images",
     "open_model",
-    "overlay",
     "predict_probabilities",
     "segment_images",
 ]
@@ -184,7 +184,7 @@ class TorchPredictor(Predictor):
         self._torch = torch
         if path.suffix == ".ckpt":
             self.kind = "checkpoint"
-            from ..methods.semikd import load_student  # the training package: fine for a checkpoint
+            from ..models.loading import load_student  # torch and the networks: fine for a checkpoint
 
             raw = torch.load(path, map_location="cpu", weights_only=True)
             hp = dict(raw.get("hyper_parameters") or {})
@@ -266,17 +266,6 @@ def probabilities_to_image(probs: np.ndarray, height: int, width: int) -> tuple[
     up = np.stack([cv2.resize(np.ascontiguousarray(c), (width, height), interpolation=cv2.INTER_LINEAR) for c in probs])
     label = up.argmax(0)
     return (label > 0).astype(np.uint8), up.max(0)
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 0), alpha: float = 0.45) -> np.ndarray:
-    """(H, W, 3) uint8 image with a translucent ``mask`` (H, W) and its outline drawn on it (as ``lesion-kd predict``)."""
-    out = image.astype(np.float32)
-    m = mask > 0
-    out[m] = (1 - alpha) * out[m] + alpha * np.array(color, np.float32)
-    out = out.clip(0, 255).astype(np.uint8)
-    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(out, contours, -1, color, max(1, round(min(mask.shape) / 200)))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

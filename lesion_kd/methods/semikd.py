@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn as nn
 
 from ..losses import DSSLoss, PCKDLoss
 from ..losses.dss import ALIGN_STATS
@@ -266,27 +265,3 @@ class SemiKDModule(SegmentationModule):
         self.log_losses(losses, batch_size=n_lab)
         return total
 
-
-def load_student(ckpt_path: str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The plain student network of any method's checkpoint (no teacher, projector or training code).
-
-    Loads with ``weights_only=True``: nothing pickled is executed.
-    """
-    import pickle
-
-    from ..models import build_model
-
-    try:
-        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{ckpt_path}: refused: the file holds pickled objects beyond tensors and plain containers, whose "
-            f"loading could run code ({str(e).splitlines()[0][:200]}). Load it only if you trust its source, "
-            "and re-save its state_dict."
-        ) from None
-    hp = ckpt.get("hyper_parameters", {})
-    net = build_model(hp.get("network", "unet"), in_channels=hp.get("in_channels", 3),
-                      num_classes=hp.get("num_classes", 2), **(hp.get("network_kwargs") or {}))
-    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state, strict=True)
-    return net.eval()

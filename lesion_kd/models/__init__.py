@@ -1,13 +1,16 @@
-"""Networks only (no training logic): the reference U-Net, the Mamba student, the MedSAM teachers.
+"""Networks only (no training logic): the reference U-Net, the Mamba student, CPC-SAM's SAM-LoRA network,
+the MedSAM teachers, and loading the plain network of any method's checkpoint (``load_student``).
 
-``build_model(name)`` / ``build_teacher(name)`` look them up by name.
+``build_model(name)`` / ``build_teacher(name)`` look them up by name; importing this package registers them all.
 """
 
 from . import (
     mamba_unet,  # noqa: F401  (registers "mamba_unet")
+    sam_lora,  # noqa: F401  (registers "sam_lora")
     teacher,  # noqa: F401  (registers "litemedsam", "medsam")
     unet,  # noqa: F401  (registers "unet")
 )
+from .loading import load_student
 from .registry import build_model, build_teacher, list_models, list_teachers, register_model, register_teacher
 from .scan import selective_scan
 
@@ -16,6 +19,7 @@ __all__ = [
     "build_teacher",
     "list_models",
     "list_teachers",
+    "load_student",
     "register_model",
     "register_teacher",
     "selective_scan",

@@ -342,7 +342,7 @@ def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, li
     from PIL import Image
 
     from ..data.prep import load_canonical
-    from ..methods.semikd import load_student
+    from ..models.loading import load_student
 
     notes: list[str] = []
     done = [c for c in cells if is_finished(m, c)]
