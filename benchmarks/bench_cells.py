@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from machine import cpu_model
 
-from lesion_kd.reporting.reproduce import REPO, cell_args, load_manifest, manifest_path
+from lesion_kd.reporting.manifest import REPO, cell_args, load_manifest, manifest_path
 
 
 def timed_fit(m, cell, steps: int, root: Path) -> float:

@@ -8,7 +8,7 @@ import pytest
 
 from lesion_kd.commands import parser
 
-COMMANDS = ["lesion_kd.reporting.reproduce", "lesion_kd.commands.compare", "lesion_kd.commands.export",
+COMMANDS = ["lesion_kd.commands.reproduce", "lesion_kd.commands.compare", "lesion_kd.commands.export",
             "lesion_kd.commands.segment", "lesion_kd.commands.sweep"]
 
 
@@ -29,7 +29,7 @@ def test_help_shows_the_whole_first_paragraph_and_only_real_defaults(module, cap
 
 
 def test_help_keeps_the_examples_below_the_options_and_shows_numeric_defaults(capsys):
-    out = help_text("lesion_kd.reporting.reproduce", capsys)
+    out = help_text("lesion_kd.commands.reproduce", capsys)
     head, _, rest = out.partition("\noptions:")
     options, _, epilog = rest.rpartition("--dry-run")  # the last option's line
     assert "comparison table, the ablation table" in head  # the intro's second line, above the options

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lesion_kd.reporting.manifest import REPO, load_manifest
 from lesion_kd.reporting.readme import (
     BEGIN,
     END,
@@ -19,7 +20,6 @@ from lesion_kd.reporting.readme import (
     results_table,
     splice,
 )
-from lesion_kd.reporting.reproduce import REPO, load_manifest
 
 
 def _manifest(tmp: Path) -> Path:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from test_cli import REPO
 
-from lesion_kd.reporting.reproduce import ManifestError, load_manifest, select
+from lesion_kd.reporting.manifest import ManifestError, load_manifest, select
 
 OUTPUTS = ("table.md", "table.csv", "ablation.md", "efficiency.md", "paired.md", "report.html")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -200,7 +200,7 @@ def test_cells_run_one_per_gpu_slot_at_a_time(tmp_path, monkeypatch, gpus):
     once, the first two at the same time on the listed GPUs, the third when a slot is free."""
     import json
 
-    from lesion_kd.reporting import reproduce
+    from lesion_kd.commands import reproduce
 
     m = load_manifest(manifest(tmp_path))
     cells = [c for c in m.cells if c.part == "table"][:3]
@@ -227,7 +227,7 @@ def test_cells_run_one_per_gpu_slot_at_a_time(tmp_path, monkeypatch, gpus):
 def test_gpu_only_cells_wait_for_a_gpu_and_run_on_it(tmp_path, monkeypatch, capsys):
     """A cell marked ``requires: gpu`` is left out (and named) without --gpus; with --gpus its fit command
     trains on the GPU slot whatever the profile's accelerator."""
-    from lesion_kd.reporting import reproduce
+    from lesion_kd.commands import reproduce
 
     groups = [{"labels": [0.1], "methods": ["supervised", {"method": "mean_teacher", "requires": "gpu"}]}]
     m = load_manifest(manifest(tmp_path, table={"groups": groups}))
@@ -261,7 +261,7 @@ def test_time_left_comes_from_finished_runs_then_the_manifests_projection(tmp_pa
     named as not timed, never guessed."""
     import json
 
-    from lesion_kd.reporting import reproduce
+    from lesion_kd.commands import reproduce
 
     groups = [{"labels": [0.1, 0.2], "seeds": [0, 1], "methods": ["supervised", "mean_teacher", "cps"]}]
     m = load_manifest(manifest(tmp_path, table={"groups": groups}, ablation={}, projected_minutes={"mean_teacher": 30}))
@@ -296,7 +296,8 @@ def test_training_curves_average_seeds_and_give_the_ablation_its_own_panel(tmp_p
     SemiKD ablation variants in a panel of their own with the full method, cells without a log left out."""
     import json
 
-    from lesion_kd.reporting import report, reproduce
+    from lesion_kd.commands import reproduce
+    from lesion_kd.reporting import report
 
     groups = [{"labels": [0.1], "seeds": [0, 1], "methods": ["supervised", "semikd"]}]
     ablation = {"dataset": "kvasir-seg", "labels": 0.1, "rows": ["semikd_sup", "semikd_dss", "semikd"]}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..data.io import atomic_write_bytes
 from . import paired
-from .reproduce import (
+from .manifest import (
     Cell,
     Manifest,
     ManifestError,

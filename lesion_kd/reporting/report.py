@@ -18,8 +18,8 @@ import numpy as np
 
 from ..data.io import atomic_write_bytes
 from . import efficiency, paired
+from .manifest import REPO, Cell, Manifest, cell_dir, cell_keys, is_finished, read_timing
 from .readme import METHOD_NAMES, NETWORK_NAMES, paired_summary  # shared with the README
-from .reproduce import REPO, Cell, Manifest, cell_dir, cell_keys, is_finished, read_timing
 from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
 
