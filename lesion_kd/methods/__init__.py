@@ -39,5 +39,20 @@ __all__ = [
     "Supervised",
     "UAMT",
     "URPC",
+    "display_names",
     "load_student",
 ]
+
+
+def display_names() -> dict[str, str]:
+    """Each method's name in the README's and the report's tables, by its results name (the ``method`` of a
+    result), variants included: ``{"mean_teacher": "Mean Teacher", "semikd_sup": "SemiKD ablation: L_sup only",
+    ...}``. From the classes' ``display_name`` (a class that sets none, e.g. a subclass of another method, is
+    named by its ``method_name``, never by its parent's name) and ``variant_display_names``."""
+    out: dict[str, str] = {}
+    for name in __all__:
+        cls = globals().get(name)
+        if isinstance(cls, type) and issubclass(cls, SegmentationModule) and cls is not SegmentationModule:
+            out[cls.method_name] = cls.__dict__.get("display_name") or cls.method_name
+            out.update(cls.__dict__.get("variant_display_names", {}))
+    return out

@@ -110,6 +110,7 @@ class BaPC(SegmentationModule):
     """
 
     method_name = "bapc"
+    display_name = "BaPC"
     uses_unlabeled = True
 
     def __init__(

@@ -75,6 +75,7 @@ class BCP(SegmentationModule):
     """
 
     method_name = "bcp"
+    display_name = "BCP"
     uses_unlabeled = True
 
     def __init__(

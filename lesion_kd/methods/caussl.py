@@ -95,6 +95,7 @@ class CauSSL(CPS):
     """
 
     method_name = "caussl"
+    display_name = "CauSSL"
     uses_unlabeled = True
 
     def __init__(

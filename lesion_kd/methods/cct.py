@@ -45,6 +45,7 @@ class CCT(SegmentationModule):
     """
 
     method_name = "cct"
+    display_name = "CCT"
     uses_unlabeled = True
 
     def __init__(

@@ -90,6 +90,7 @@ class CPCSAM(SegmentationModule):
     """
 
     method_name = "cpc_sam"
+    display_name = "CPC-SAM"
     uses_unlabeled = True
 
     def __init__(

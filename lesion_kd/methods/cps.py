@@ -72,6 +72,7 @@ class CPS(SegmentationModule):
     """
 
     method_name = "cps"
+    display_name = "CPS"
     uses_unlabeled = True
 
     def __init__(

@@ -34,6 +34,7 @@ class DAMTN(MeanTeacher):
     """
 
     method_name = "damtn"
+    display_name = "DAMTN"
     uses_unlabeled = True
 
     def __init__(self, align_weight: float = 0.1, align_momentum: float = 0.99, **kwargs) -> None:

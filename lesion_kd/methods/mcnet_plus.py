@@ -57,6 +57,7 @@ class MCNetPlus(SegmentationModule):
     """
 
     method_name = "mcnet_plus"
+    display_name = "MC-Net+"
     uses_unlabeled = True
 
     def __init__(

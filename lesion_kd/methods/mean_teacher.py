@@ -42,6 +42,7 @@ class MeanTeacher(SegmentationModule):
     """
 
     method_name = "mean_teacher"
+    display_name = "Mean Teacher"
     uses_unlabeled = True
 
     def __init__(

@@ -118,6 +118,7 @@ class SASSNet(SegmentationModule):
     """
 
     method_name = "sassnet"
+    display_name = "SASSNet"
     uses_unlabeled = True
 
     def __init__(

@@ -93,6 +93,12 @@ class SemiKDModule(SegmentationModule):
     """
 
     method_name = "semikd"
+    display_name = "SemiKD (the paper's method)"
+    variant_display_names = {  # by results_name
+        "semikd_sup": "SemiKD ablation: L_sup only", "semikd_featkd": "SemiKD ablation: L_sup + plain feature KD",
+        "semikd_map": "SemiKD ablation: L_sup + L_map", "semikd_pckd": "SemiKD ablation: L_sup + L_pckd",
+        "semikd_dss": "SemiKD ablation: L_sup + L_dss",
+    }
     uses_unlabeled = True
 
     @property

@@ -76,6 +76,7 @@ class SemiSAMMT(MeanTeacher):
     """
 
     method_name = "semisam_mt"
+    display_name = "SemiSAM-MT"
 
     def __init__(
         self,

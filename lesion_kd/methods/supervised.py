@@ -14,6 +14,7 @@ class Supervised(SegmentationModule):
     """
 
     method_name = "supervised"
+    display_name = "supervised"
     uses_unlabeled = False
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -49,6 +49,7 @@ class UAMT(MeanTeacher):
     """
 
     method_name = "ua_mt"
+    display_name = "UA-MT"
     uses_unlabeled = True
 
     def __init__(self, passes: int = 8, threshold_ramp_fraction: float = 1.0, **kwargs) -> None:

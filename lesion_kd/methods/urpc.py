@@ -56,6 +56,7 @@ class URPC(SegmentationModule):
     """
 
     method_name = "urpc"
+    display_name = "URPC"
     uses_unlabeled = True
 
     def __init__(

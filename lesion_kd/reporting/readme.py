@@ -14,6 +14,7 @@ paired difference from supervised-only (``paired.md``, one column pair per fract
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -37,14 +38,23 @@ from .tables import fmt_mean_std as _fmt
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PAIRED_BEGIN, PAIRED_END = "<!-- paired:begin -->", "<!-- paired:end -->"
 
-METHOD_NAMES = {
-    "supervised": "supervised", "semikd": "**SemiKD (the paper's method)**",
-    "semikd_sup": "SemiKD ablation: L_sup only", "semikd_featkd": "SemiKD ablation: L_sup + plain feature KD",
-    "semikd_map": "SemiKD ablation: L_sup + L_map", "semikd_pckd": "SemiKD ablation: L_sup + L_pckd",
-    "semikd_dss": "SemiKD ablation: L_sup + L_dss", "mean_teacher": "Mean Teacher", "ua_mt": "UA-MT",
-    "urpc": "URPC", "cct": "CCT", "cps": "CPS", "mcnet_plus": "MC-Net+", "bcp": "BCP", "semisam_mt": "SemiSAM-MT",
-    "sassnet": "SASSNet", "caussl": "CauSSL", "bapc": "BaPC", "damtn": "DAMTN", "cpc_sam": "CPC-SAM",
-}
+PAPERS_METHOD = "semikd"  # set in bold in the README's tables
+
+
+@functools.cache
+def _display_names() -> dict[str, str]:
+    from ..methods import display_names  # the method classes' display_name (torch and Lightning load here)
+
+    return display_names()
+
+
+def method_label(method: str, bold: bool = False) -> str:
+    """A method's name in the tables (the class's ``display_name``; an unknown method by its results name), the
+    paper's method in Markdown bold when ``bold``."""
+    name = _display_names().get(method, method)
+    return f"**{name}**" if bold and method == PAPERS_METHOD else name
+
+
 NETWORK_NAMES = {"mamba_unet": ("Mamba student", "student (mamba_unet)"), "unet": ("U-Net", "U-Net (SSL4MIS)"),
                  "sam_lora": ("LiteMedSAM + LoRA", None)}
 
@@ -140,7 +150,7 @@ def results_table(m: Manifest) -> str:
         dagger = "†" if any(superseded_losses(cell_dir(m, c)) for c in cells) else ""
         marked |= bool(dagger)
         lines.append(
-            f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {METHOD_NAMES.get(r['method'], r['method'])}{dagger} | "
+            f"| {r['dataset']} | {r['labels'] * 100:.0f}% | {method_label(r['method'], bold=True)}{dagger} | "
             f"{_network(r['network'], efficiency)} | {_fmt(r, 'dice', 100)} | {_fmt(r, 'iou', 100)} | {_fmt(r, 'hd95', 1)} | "
             f"{_fmt(r, 'asd', 1)} | {r['seeds']} | {wall} | {fit_command(m, cells[0], sorted(c.seed for c in cells))} |")
     notes = ([SUPERSEDED_NOTE] if marked else []) + ([CARRIED_NOTE] if carried else [])
@@ -160,7 +170,7 @@ def paired_summary(m: Manifest, rows: list[dict] | None = None) -> str:
         rows = paired.comparisons(m.results, [ref], keep=keys)
     pairs = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in rows if r["reference"] == ref}
     dice = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in aggregate(collect(m.results, keep=keys))}
-    reference = f"{METHOD_NAMES.get(ref, ref)}-only"
+    reference = f"{method_label(ref, bold=True)}-only"
     out = []
     for dataset in dict.fromkeys(c.dataset for c in cells):
         fractions = sorted({k[1] for k in pairs if k[0] == dataset})
@@ -183,7 +193,7 @@ def paired_summary(m: Manifest, rows: list[dict] | None = None) -> str:
                     parts.append(f"**{text}**" if p["dice_ci_low"] > 0 or p["dice_ci_high"] < 0 else text)
                 else:
                     parts.append("")
-            name = METHOD_NAMES.get(method, method)
+            name = method_label(method, bold=True)
             out.append(f"| {name} | {_network(network, {})} | " + " | ".join(parts) + " |")
         out.append("")
     return "\n".join(out) if out else "No pair of finished cells to compare yet.\n"

@@ -19,7 +19,7 @@ import numpy as np
 from ..data.io import atomic_write_bytes
 from . import efficiency, paired
 from .manifest import REPO, Cell, Manifest, cell_dir, cell_keys, is_finished, read_timing
-from .readme import METHOD_NAMES, NETWORK_NAMES, paired_summary  # shared with the README
+from .readme import NETWORK_NAMES, method_label, paired_summary  # shared with the README
 from .tables import aggregate, collect
 from .tables import fmt_mean_std as _fmt
 
@@ -166,7 +166,7 @@ def dice_figure(agg: list[dict]) -> bytes | None:
                              gridspec_kw={"height_ratios": [n + 1.5 for n in sizes]}, sharex=True)
     for ax, (ds, lab) in zip(axes[:, 0], sorted(groups), strict=True):
         rows = sorted(groups[(ds, lab)], key=lambda r: -r["dice_mean"])
-        names = [f"{METHOD_NAMES.get(r['method'], r['method']).replace('**', '')} · "
+        names = [f"{method_label(r['method'])} · "
                  f"{NETWORK_NAMES.get(r['network'], (r['network'],))[0]}" for r in rows]
         colours = ["#c44e52" if r["method"] == "semikd" else "#8c8c8c" if r["method"] == "supervised" else "#4c72b0"
                    for r in rows]
@@ -218,11 +218,11 @@ def paired_figure(rows: list[dict]) -> bytes | None:
                     f"{paired.p_phrase(r['dice_p'])}, {seeds}",
                     va="center", fontsize=7, transform=ax.get_yaxis_transform())
         ax.axvline(0, color="#555", lw=1, ls="--")
-        names = [f"{METHOD_NAMES.get(r['method'], r['method']).replace('**', '')} · "
+        names = [f"{method_label(r['method'])} · "
                  f"{NETWORK_NAMES.get(r['network'], (r['network'],))[0]}" for r in rs]
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
-        ref = "supervised only" if key[2] == "supervised" else METHOD_NAMES.get(key[2], key[2]).replace("**", "")
+        ref = "supervised only" if key[2] == "supervised" else method_label(key[2])
         ax.set_title(f"{key[0]}, {key[1] * 100:.0f}% labels: against {ref} (same network)", fontsize=10, loc="left")
     lo = min(r["dice_ci_low"] for r in rows)
     hi = max(r["dice_ci_high"] for r in rows)
