@@ -336,7 +336,7 @@ class LesionCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.last_every_n_steps, self.last_every_minutes = last_every_n_steps, last_every_minutes
         self._last_time, self._last_step = time.monotonic(), -1
-        self._due = False  # a periodic save is owed (deferred past an epoch's first batch)
+        self._due = False  # a periodic save is owed (the step count passed a multiple, or the minutes ran out)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -364,8 +364,6 @@ class LesionCheckpoint(ModelCheckpoint):
             self._due = False  # last.ckpt already holds this step (written at its validation)
         if not self._due or step == 0:
             return
-        if trainer.fit_loop.epoch_loop.batch_progress.current.ready <= 1:
-            return  # an epoch's first batch: its epoch counters are mid-start; saved before the next batch
         self._save_between_steps(trainer)
         if trainer.is_global_zero:
             print(f"checkpoint: {self.last_model_path} at step {step}", flush=True)
@@ -377,7 +375,8 @@ class LesionCheckpoint(ModelCheckpoint):
         the counters would describe a batch that never ran, and a resumed run would validate (and log) one
         step early (``tests/test_resume.py``). For the length of the save they are set back to the completed
         batch, the state Lightning itself saves at a validation's end ("restarted on last"): on resume the
-        next batch is counted ready again, once.
+        next batch is counted ready again, once. At an epoch's first batch the epoch counters say "epoch
+        started" and the batch counters then say "no batch of it done": Lightning's mid-epoch restart.
         """
         progress = trainer.fit_loop.epoch_loop.batch_progress
         assert progress.total.started == progress.total.completed == progress.total.ready - 1, progress
