@@ -10,6 +10,13 @@ Measures, on this machine:
 The per-epoch figures are *extrapolated* to the 810-image training split (810 teacher embeddings per
 epoch online; ceil(810 / 16) cache steps), not measured over a whole epoch.
 
+Old vs new encoder (issue 29): ``--encoders torch,hybrid`` (default) fills the same ``--fill`` images with
+each encoder of :mod:`lesion_kd.models.teacher_fast` into its own cache folder, alternating in rounds of
+``--round`` images so both see the same machine load, and prints each fill rate (s/image, the encoder's
+one-time build/export excluded and printed apart), their ratio and the per-cell cosine of the new entries
+to the ``torch`` ones. Threads: whatever ``OMP_NUM_THREADS`` says, the same for both (onnxruntime gets
+``torch.get_num_threads()`` intra-op threads). ``--fill-only`` stops after that comparison.
+
 Run: .venv/bin/python benchmarks/bench_teacher.py [--data /work/shared/datasets/Kvasir-SEG] [--json out.json]
 Prints a markdown table. The cache is written to a temporary folder (or ``--cache-dir``) and, being just
 written, is read from the page cache; a first epoch that reads it from disk pays up to 2 MiB per image.
@@ -94,7 +101,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="timed cache steps")
     ap.add_argument("--student-reps", type=int, default=3, help="timed student steps")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--encoders", default="torch,hybrid",
+                    help="comma-separated cache encoders to compare on the fill (the first is the baseline)")
+    ap.add_argument("--round", type=int, default=4, help="images per encoder per round of the alternating fill")
+    ap.add_argument("--fill-only", action="store_true", help="only the old-vs-new fill comparison")
     args = ap.parse_args()
+    encoders = args.encoders.split(",")
     labeled, unlabeled = 8, 8
     batch = labeled + unlabeled
 
@@ -105,9 +117,47 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_teacher_") as tmp:
         teacher, t_build = timed(build_teacher, "litemedsam")
-        cache = TeacherEmbeddingCache(args.cache_dir or tmp, dataset="kvasir-seg", teacher=teacher)
-        computed, t_fill = timed(cache.fill, samples, 0, 1, False)
-        fill_per_image = t_fill / max(computed, 1)
+        caches = {e: TeacherEmbeddingCache(args.cache_dir or tmp, dataset="kvasir-seg", teacher=teacher, encoder=e)
+                  for e in encoders}
+        setup = {e: timed(lambda c=c: c.image_encoder)[1] for e, c in caches.items()}  # export/build, once
+        fill_t = dict.fromkeys(encoders, 0.0)
+        fill_n = dict.fromkeys(encoders, 0)
+        fill_samples = samples[: args.fill]
+        for k in range(0, len(fill_samples), args.round):  # alternate: both see the same load
+            for e, c in caches.items():
+                n, t = timed(c.fill, fill_samples[k : k + args.round], 0, 1, False)
+                fill_t[e] += t
+                fill_n[e] += n
+        rate = {e: fill_t[e] / max(fill_n[e], 1) for e in encoders}
+        base = encoders[0]
+        ref = caches[base].get_batch(fill_samples).float()
+        enc_cos = {}
+        for e in encoders[1:]:
+            c = F.cosine_similarity(caches[e].get_batch(fill_samples).float(), ref, dim=1)
+            enc_cos[e] = {"min": c.min().item(), "mean": c.mean().item()}
+        load_fill = os.getloadavg()[0]
+        print(f"\nTeacher cache fill, old vs new encoder: {len(fill_samples)} Kvasir-SEG training images, "
+              f"alternating rounds of {args.round}; {torch.get_num_threads()} thread(s) for every encoder "
+              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); load average "
+              f"{load_before:.2f} -> {load_fill:.2f}\n")
+        print("| encoder | fingerprint (cache folder) | one-time build/export | fill, s/image | speed-up | "
+              f"per-cell cosine to {base}: min / mean |\n|---|---|---|---|---|---|")
+        for e in encoders:
+            cs = enc_cos.get(e)
+            print(f"| {e} | {caches[e].fingerprint} | {setup[e]:.1f} s | {rate[e]:.2f} | {rate[base] / rate[e]:.2f}x | "
+                  + (f"{cs['min']:.6f} / {cs['mean']:.6f} |" if cs else "(baseline) |"))
+        fill_fig = {"encoders": encoders, "fill_images": len(fill_samples), "fill_s_per_image_by_encoder": rate,
+                    "encoder_setup_s": setup, "speedup_over_" + base: {e: rate[base] / rate[e] for e in encoders},
+                    "cosine_to_" + base: enc_cos, "threads": torch.get_num_threads(),
+                    "load_average_before_after_fill": [round(load_before, 2), round(load_fill, 2)]}
+        if args.fill_only:
+            if args.json:
+                Path(args.json).write_text(json.dumps(fill_fig, indent=2))
+            return
+        cache = caches[base] if base == "torch" else TeacherEmbeddingCache(args.cache_dir or tmp, dataset="kvasir-seg",
+                                                                           teacher=teacher, encoder="torch")
+        computed = cache.fill(samples, 0, 1, False) + fill_n.get("torch", 0)  # the rest needs 16 torch entries
+        fill_per_image = rate.get("torch", float("nan"))
         entry_bytes = cache.entry_path(samples[0]).stat().st_size
 
         # online: the teacher embeds each augmented 256 x 256 view; also how close the cache gets to it
@@ -174,6 +224,7 @@ def main() -> None:
         "cache_mb_per_image": entry_bytes / 1e6,
         "cache_gb_for_epoch_images": n * entry_bytes / 1e9,
         "cosine_cache_vs_online_view": {k: statistics.mean(v) for k, v in cos.items() if v},
+        "fill_old_vs_new": fill_fig,
     }
 
     print(f"\nTeacher cost on Kvasir-SEG, CPU ({fig['torch_threads']} threads, load average "

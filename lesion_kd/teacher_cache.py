@@ -21,6 +21,17 @@ float16 payload (2 MiB). Entries are written to a temporary file and renamed int
 fill leaves either a whole entry or none; a truncated or garbled entry fails the header/CRC check on read
 and is recomputed.
 
+Encoders (:mod:`lesion_kd.models.teacher_fast`): ``encoder="torch"`` (the default) runs the teacher's own
+PyTorch module, as every cache filled so far; ``"onnx"`` (onnxruntime, fp32) and ``"hybrid"`` (LiteMedSAM
+only: onnxruntime fp32 stem + bf16 transformer GEMMs, about 2x faster per image on the 2-core CPU) compute
+within a tested tolerance of it and key their entries with a suffixed fingerprint (``<teacher>-ehybrid1``),
+so they fill their own folder and never mix with ``torch`` entries. Training reads the entries of
+``encoder=None``, i.e. ``$LESION_KD_TEACHER_ENCODER`` if set, else ``torch``: the faster encoders are
+opt-in (``lesion-kd cache-teacher --encoder hybrid`` plus ``LESION_KD_TEACHER_ENCODER=hybrid`` for the
+run), so committed runs keep reading exactly the entries they were trained with. The fill of ``onnx`` /
+``hybrid`` also reads the next image and writes the last entry in a background I/O thread while the
+encoder runs.
+
 Under DDP each process fills a disjoint part (entries ``i % world_size == rank``); the caller puts a
 barrier after ``fill`` before the first read.
 
@@ -36,6 +47,7 @@ import struct
 import warnings
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +61,14 @@ from .data.geometry import warp_to_view
 from .data.io import read_image
 from .models import build_teacher
 from .models.teacher import EMBED_SHAPE, teacher_fingerprint
+from .models.teacher_fast import build_image_encoder, check_encoder, encoder_fingerprint
+
+ENCODER_ENV = "LESION_KD_TEACHER_ENCODER"
+
+
+def default_encoder() -> str:
+    """``$LESION_KD_TEACHER_ENCODER`` if set (``torch``, ``onnx`` or ``hybrid``), else ``torch``."""
+    return check_encoder(os.environ.get(ENCODER_ENV) or "torch")
 
 _MAGIC = b"LKDTEMB\x00"
 _FORMAT_VERSION = 1
@@ -178,12 +198,16 @@ class TeacherEmbeddingCache:
         dataset: dataset name, the first level of the key.
         teacher: an already built teacher (anything with ``embed`` and ``fingerprint``) instead of a name.
         device: where a teacher built here runs (default CPU).
+        encoder: how the image encoder runs when an entry is computed: ``torch`` (the teacher's module,
+            today's entries), ``onnx`` or ``hybrid`` (faster, own fingerprint; see the module doc).
+            Default :func:`default_encoder` (``torch`` unless ``$LESION_KD_TEACHER_ENCODER`` says otherwise).
     """
 
     def __init__(self, cache_dir: str | os.PathLike | None = None, teacher_name: str = "litemedsam",
                  checkpoint: str | os.PathLike | None = None, dataset: str = "kvasir-seg", *,
                  teacher: nn.Module | None = None, teacher_kwargs: dict | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", encoder: str | None = None) -> None:
+        self.encoder = check_encoder(encoder) if encoder is not None else default_encoder()
         self.root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         self.teacher_name = teacher_name
         self.checkpoint = checkpoint
@@ -193,8 +217,10 @@ class TeacherEmbeddingCache:
         self._teacher = teacher
         fingerprint = teacher.fingerprint if teacher is not None else teacher_fingerprint(
             teacher_name, checkpoint, **self.teacher_kwargs)
-        self.fingerprint: str = fingerprint
-        self.dir = self.root / _safe_name(dataset) / _safe_name(fingerprint)
+        self.teacher_fingerprint: str = fingerprint  # the teacher's own identity
+        self.fingerprint: str = encoder_fingerprint(fingerprint, self.encoder)  # the entries' key
+        self._image_encoder: nn.Module | None = None
+        self.dir = self.root / _safe_name(dataset) / _safe_name(self.fingerprint)
 
     def __repr__(self) -> str:
         return f"TeacherEmbeddingCache({str(self.dir)!r})"
@@ -207,10 +233,20 @@ class TeacherEmbeddingCache:
             if self.checkpoint is not None:
                 kwargs["checkpoint"] = self.checkpoint
             self._teacher = build_teacher(self.teacher_name, **kwargs).to(self.device)
-            if self._teacher.fingerprint != self.fingerprint:  # the file changed since this cache was opened
+            if self._teacher.fingerprint != self.teacher_fingerprint:  # the file changed since the cache opened
                 raise RuntimeError(f"teacher changed while the cache was open: {self._teacher.fingerprint} "
-                                   f"!= {self.fingerprint}; open the cache again")
+                                   f"!= {self.teacher_fingerprint}; open the cache again")
         return self._teacher
+
+    @property
+    def image_encoder(self) -> nn.Module | None:
+        """The image encoder run the ``encoder`` way (built, and for onnx/hybrid exported, on first use);
+        ``None`` for ``torch``: the teacher's ``embed`` uses its own module, exactly as before."""
+        if self.encoder == "torch":
+            return None
+        if self._image_encoder is None:
+            self._image_encoder = build_image_encoder(self.teacher, self.encoder)
+        return self._image_encoder
 
     # --------------------------------------------------------------------------------------------- keys
     def entry_path(self, sample: Sample) -> Path:
@@ -227,9 +263,16 @@ class TeacherEmbeddingCache:
         return True
 
     # ------------------------------------------------------------------------------------------ writing
-    def compute(self, sample: Sample) -> torch.Tensor:
-        """The teacher's embedding of the un-augmented image, (256, 64, 64) float16 on the CPU."""
-        return self.teacher.embed(_image_tensor(sample.image))[0].to("cpu", torch.float16)
+    def compute(self, sample: Sample, image: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's embedding of the un-augmented image, (256, 64, 64) float16 on the CPU.
+
+        ``image``: the already read (1, 3, H, W) image of ``sample`` (the fill reads ahead in a thread).
+        """
+        image = _image_tensor(sample.image) if image is None else image
+        if self.encoder == "torch":
+            return self.teacher.embed(image)[0].to("cpu", torch.float16)  # today's path, unchanged
+        with torch.inference_mode():
+            return self.teacher.embed(image, image_encoder=self.image_encoder)[0].to("cpu", torch.float16)
 
     def _store(self, sample: Sample) -> torch.Tensor:
         emb = self.compute(sample)
@@ -265,10 +308,32 @@ class TeacherEmbeddingCache:
         bar = tqdm(todo, desc=f"teacher cache [{self.fingerprint}]" + (f" rank {rank}" if world_size > 1 else ""),
                    unit="img", position=rank if world_size > 1 else None, disable=not progress,
                    postfix={"already cached": len(seen) - len(todo)})
-        for s in bar:
-            self._store(s)
+        if self.encoder == "torch":
+            for s in bar:  # today's loop, unchanged
+                self._store(s)
+        else:
+            self._fill_pipelined(todo, bar)
         bar.close()
         return len(todo)
+
+    def _fill_pipelined(self, todo: list[Sample], bar: tqdm) -> None:
+        """The fill loop of the onnx/hybrid encoders: one I/O thread reads the next image and writes the last
+        entry while the encoder runs (the encoder keeps its own threads). A write that failed raises here."""
+        if not todo:
+            return
+        self.image_encoder  # noqa: B018 - build/export before the first image, not inside the bar's first step
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-cache-io") as pool:
+            nxt: Future = pool.submit(_image_tensor, todo[0].image)
+            writing: Future | None = None
+            for i, s in enumerate(bar):
+                image = nxt.result()
+                if i + 1 < len(todo):
+                    nxt = pool.submit(_image_tensor, todo[i + 1].image)
+                emb = self.compute(s, image)
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(_atomic_write, self.entry_path(s), encode_entry(emb))
+            writing.result()
 
     # ------------------------------------------------------------------------------------------ reading
     def get(self, sample: Sample) -> torch.Tensor:
@@ -330,12 +395,14 @@ class OnlineTeacherEmbeddings:
 
 def fill_teacher_cache(samples: Sequence[Sample], dataset: str, teacher: str = "litemedsam",
                        checkpoint: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                       rank: int = 0, world_size: int = 1, progress: bool = True,
+                       rank: int = 0, world_size: int = 1, progress: bool = True, encoder: str | None = None,
                        **teacher_kwargs: object) -> TeacherEmbeddingCache:
     """Fill the cache of ``teacher`` for ``samples`` of ``dataset`` (this process's share); return the cache.
 
-    The entry point of ``lesion-kd cache-teacher``; ``teacher_kwargs`` go to ``build_teacher``.
+    The entry point of ``lesion-kd cache-teacher``; ``encoder`` as :class:`TeacherEmbeddingCache`'s;
+    ``teacher_kwargs`` go to ``build_teacher``.
     """
-    cache = TeacherEmbeddingCache(cache_dir, teacher, checkpoint, dataset, teacher_kwargs=teacher_kwargs)
+    cache = TeacherEmbeddingCache(cache_dir, teacher, checkpoint, dataset, teacher_kwargs=teacher_kwargs,
+                                  encoder=encoder)
     cache.fill(samples, rank=rank, world_size=world_size, progress=progress)
     return cache

@@ -2,7 +2,8 @@
 
 Reads the ``data:`` section (and ``model.init_args.teacher*`` if present) of the same composed configs
 that ``fit`` takes, so ``lesion-kd cache-teacher --config exp.yaml`` caches exactly what ``fit`` will need.
-Interrupt it at any time: finished entries are kept and the next call resumes.
+Interrupt it at any time: finished entries are kept and the next call resumes. ``--encoder hybrid`` fills
+about 2x faster per image on the CPU, into its own cache folder (see :mod:`lesion_kd.teacher_cache`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--splits", nargs="+", default=["train"], choices=["train", "val", "test"],
                    help="which splits to cache (default: train, the images distillation sees)")
     p.add_argument("--cache_dir", default=None, help="teacher cache directory (default $LESION_KD_CACHE/teacher)")
+    p.add_argument("--encoder", default=None, choices=["torch", "onnx", "hybrid"],
+                   help="how the image encoder runs: torch (the teacher's PyTorch module, the entries training "
+                        "reads by default), onnx (onnxruntime fp32) or hybrid (litemedsam: about 2x faster, "
+                        "bf16 transformer GEMMs, own cache folder; training reads it only with "
+                        "LESION_KD_TEACHER_ENCODER=hybrid). Default: $LESION_KD_TEACHER_ENCODER, else torch")
     p.add_argument("--rank", type=int, default=0, help="this process's share: entries i with i %% world_size == rank")
     p.add_argument("--world_size", type=int, default=1, help="number of processes filling the cache together")
     args = p.parse_args(argv)
@@ -50,6 +56,7 @@ def main(argv: list[str]) -> int:
     dm = LesionDataModule(**data_cfg)
     dm.setup()
     samples = [s for split in args.splits for s in dm.splits[split]]
-    cache = fill_teacher_cache(samples, dm.dataset_name, teacher, checkpoint, args.cache_dir, args.rank, args.world_size)
+    cache = fill_teacher_cache(samples, dm.dataset_name, teacher, checkpoint, args.cache_dir, args.rank, args.world_size,
+                               encoder=args.encoder)
     print(f"teacher cache ready: {len(samples)} images of {dm.dataset_name} ({', '.join(args.splits)}) in {cache.dir}")
     return 0

@@ -294,14 +294,17 @@ class SAMTeacher(nn.Module):
         return F.grid_sample(kept, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor, image_encoder: nn.Module | None = None) -> torch.Tensor:
         """Image embedding aligned with the full extent of each image.
 
         images: (B, 3, H, W) float in [0, 1] (any H, W; one size per batch). Returns (B, 256, 64, 64)
-        float32 on the images' device. Computed on the teacher's device.
+        float32 on the images' device. Computed on the teacher's device. ``image_encoder``: another way to
+        run this teacher's encoder (:func:`lesion_kd.models.teacher_fast.build_image_encoder`); default its
+        own PyTorch module.
         """
         x, valid = self.preprocess(images)
-        emb = self._crop_valid(self.image_encoder(x), valid)
+        encoder = self.image_encoder if image_encoder is None else image_encoder
+        emb = self._crop_valid(encoder(x).float(), valid)
         return emb.to(images.device)
 
     @torch.no_grad()
