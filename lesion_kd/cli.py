@@ -20,7 +20,7 @@ SUITE_COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("lesion_kd.commands.data:main", "download and prepare public datasets, MSD tasks"),
     "sweep": ("lesion_kd.commands.sweep:main", "run a W&B sweep file locally (no W&B server): propose, run, tabulate"),
     "export": ("lesion_kd.commands.export:main", "export a checkpoint's student to ONNX or TorchScript, verified against PyTorch"),
-    "reproduce-table": ("lesion_kd.reporting.reproduce:main",
+    "reproduce-table": ("lesion_kd.commands.reproduce:main",
                         "run every unfinished cell of a manifest, then the comparison/ablation/efficiency tables and report"),
     "segment": ("lesion_kd.commands.segment:main", "masks, overlays and segments.csv for a folder of images (ONNX, TorchScript, .ckpt)"),
     "compare": ("lesion_kd.commands.compare:main",

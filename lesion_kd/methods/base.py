@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 from ..data.io import atomic_write_bytes, read_mask, write_png
-from ..deploy.segment import overlay  # one overlay for predict and segment
 from ..metrics import METRICS, image_metrics, summarize
 from ..models import build_model
+from ..viz import overlay  # one overlay for predict and segment
 
 
 class SegmentationModule(L.LightningModule):
@@ -44,6 +44,10 @@ class SegmentationModule(L.LightningModule):
     """
 
     method_name = "base"
+    # the method's name in the README's and the report's tables (its method_name when the class sets none), and
+    # the names of the variants it tells apart by results_name (SemiKD's ablation rows)
+    display_name = ""
+    variant_display_names: dict[str, str] = {}
     uses_unlabeled = False
 
     def __init__(
@@ -152,8 +156,13 @@ class SegmentationModule(L.LightningModule):
         warnings.warn(f"{problem}: step skipped ({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
 
     # ----------------------------------------------------------------------------- evaluation
+    def eval_logits(self, batch: dict, split: str) -> torch.Tensor:
+        """(B, C, S, S) logits of an evaluation batch (validation, test); a method whose network does not take
+        the image (the teacher's read-out reads cached embeddings) overrides this."""
+        return self(batch["image"])
+
     def _eval_step(self, batch: dict, split: str) -> None:
-        probs = torch.softmax(self(batch["image"]).float(), dim=1)
+        probs = torch.softmax(self.eval_logits(batch, split).float(), dim=1)
         pred = probs.argmax(1).cpu().numpy()
         target = batch["mask"].cpu().numpy()
         for i, sid in enumerate(batch["id"]):
