@@ -19,6 +19,7 @@ from .sassnet import SASSNet
 from .semikd import SemiKDModule
 from .semisam_mt import SemiSAMMT
 from .supervised import Supervised
+from .teacher_readout import TeacherReadout
 from .ua_mt import UAMT
 from .urpc import URPC
 
@@ -37,6 +38,7 @@ __all__ = [
     "SemiKDModule",
     "SemiSAMMT",
     "Supervised",
+    "TeacherReadout",
     "UAMT",
     "URPC",
     "display_names",

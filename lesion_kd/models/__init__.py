@@ -6,6 +6,7 @@ the MedSAM teachers, and loading the plain network of any method's checkpoint (`
 
 from . import (
     mamba_unet,  # noqa: F401  (registers "mamba_unet")
+    readout,  # noqa: F401  (registers "litemedsam": the head of the teacher's read-out)
     sam_lora,  # noqa: F401  (registers "sam_lora")
     teacher,  # noqa: F401  (registers "litemedsam", "medsam")
     unet,  # noqa: F401  (registers "unet")
