@@ -4,6 +4,7 @@
   ``feature_map_loss``, ``relation_loss``, ``FeaturePerturbation``, ``response_loss``; the ``FeatureKD`` ablation).
 - ``dss``: distribution-based self-supervision (``DSSLoss``; its parts ``class_balanced_consistency``,
   ``DistributionAlignment``, ``contrast_loss``).
+- ``pl``: the teacher's pseudo-labels, confidence-weighted (``pseudo_label_loss``; SemiKD+).
 """
 
 from .dss import DistributionAlignment, DSSLoss, class_balanced_consistency, contrast_loss
@@ -20,6 +21,7 @@ from .pckd import (
     resize_features,
     response_loss,
 )
+from .pl import confidence_weights, pseudo_label_loss
 
 __all__ = [
     "PCKD_MODES",
@@ -32,8 +34,10 @@ __all__ = [
     "PerturbationDraw",
     "Projector",
     "class_balanced_consistency",
+    "confidence_weights",
     "contrast_loss",
     "feature_map_loss",
+    "pseudo_label_loss",
     "relation_loss",
     "resize_features",
     "response_loss",

@@ -26,6 +26,7 @@ import torch
 
 from ..losses import DSSLoss, PCKDLoss
 from ..losses.dss import ALIGN_STATS
+from ..models import build_model
 from .base import SegmentationModule
 from .components import check_weights, ramp
 
@@ -90,6 +91,13 @@ class SemiKDModule(SegmentationModule):
             fading once they separate) or ``log`` (method.md's -log of the separation ratio, unbounded below,
             which kept pushing features apart along the student's own mask and made BUSI dip; see
             ``lesion_kd.losses.dss.contrast_loss``).
+        lambda_pl: weight of L_pl, the teacher's pseudo-labels (0: off, the paper's method). The teacher's own
+            read-out, a head on its frozen embedding (``lesion_kd.models.readout``, trained here on the labeled
+            views only, so refreshed as it improves), labels each unlabeled weak view through the same recorded
+            geometry; the student's prediction of the view is pulled to it by a confidence-weighted cross-entropy
+            and soft Dice (each pixel weighted by the head's |2p - 1|), ramped as the other terms. Beyond
+            ``docs/method.md``'s reconstruction: the teacher teaching segmentation, not only features (issue 28).
+        pl_head_hidden: hidden channels of that head (0: a linear probe).
     """
 
     method_name = "semikd"
@@ -98,6 +106,7 @@ class SemiKDModule(SegmentationModule):
         "semikd_sup": "SemiKD ablation: L_sup only", "semikd_featkd": "SemiKD ablation: L_sup + plain feature KD",
         "semikd_map": "SemiKD ablation: L_sup + L_map", "semikd_pckd": "SemiKD ablation: L_sup + L_pckd",
         "semikd_dss": "SemiKD ablation: L_sup + L_dss",
+        "semikd_plus": "SemiKD+ (+ teacher pseudo-labels)", "semikd_pl": "SemiKD+ ablation: L_sup + L_pl",
     }
     uses_unlabeled = True
 
@@ -106,6 +115,12 @@ class SemiKDModule(SegmentationModule):
         """``semikd`` for the full method, else its ablation row: ``semikd_sup``, ``semikd_featkd``,
         ``semikd_map``, ``semikd_pckd``, ``semikd_dss`` (configs ``experiments/method/semikd_<row>.yaml``)."""
         kd, dss = self.hparams.kd_mode, self.hparams.use_dss
+        if self.hparams.get("lambda_pl", 0.0) > 0:  # the teacher's pseudo-labels (SemiKD+)
+            if kd == "pckd" and dss:
+                return "semikd_plus"
+            if kd == "none" and not dss:
+                return "semikd_pl"
+            return f"semikd_pl+{kd}" + ("+dss" if dss else "")
         if kd == "pckd" and dss:
             return "semikd"
         if kd == "none":
@@ -114,7 +129,7 @@ class SemiKDModule(SegmentationModule):
 
     # options added after runs were trained, with the value that trains as before they existed: a checkpoint
     # without them resumes (``lightning_cli.changed_hparams``)
-    NEUTRAL_ADDED_OPTIONS = {"map_relation_weight": 0.0}
+    NEUTRAL_ADDED_OPTIONS = {"map_relation_weight": 0.0, "lambda_pl": 0.0, "pl_head_hidden": 64}
 
     def __init__(
         self,
@@ -154,11 +169,13 @@ class SemiKDModule(SegmentationModule):
         dss_balance_area: Literal["batch", "labeled"] = "labeled",
         contrast_form: Literal["log", "softplus"] = "softplus",
         align_stats: tuple[Literal["area_mean", "area_var", "conf_mean", "conf_var"], ...] = ALIGN_STATS,
+        lambda_pl: float = 0.0,
+        pl_head_hidden: int = 64,
     ) -> None:
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
         check_weights(ramp_fraction, lambda_kd=lambda_kd, lambda_dss=lambda_dss, beta=beta, gamma2=gamma2,
-                      gamma3=gamma3, map_relation_weight=map_relation_weight)
+                      gamma3=gamma3, map_relation_weight=map_relation_weight, lambda_pl=lambda_pl)
         if teacher == "medsam" and teacher_checkpoint is None and kd_mode != "none":
             raise ValueError("model.teacher_checkpoint: the medsam teacher needs a checkpoint file (e.g. medsam_vit_b.pth)")
         if teacher_checkpoint is not None and not Path(teacher_checkpoint).expanduser().is_file():
@@ -174,13 +191,16 @@ class SemiKDModule(SegmentationModule):
                     balance_area=dss_balance_area, contrast_form=contrast_form, align_stats=align_stats)
             if use_dss else None
         )
+        # the teacher's read-out head (L_pl), built last and only when used: the paper's method (lambda_pl 0)
+        # draws its initial weights exactly as before the option existed
+        self.pl_head = build_model("litemedsam", num_classes=num_classes, hidden=pl_head_hidden) if lambda_pl > 0 else None
         # Kept out of the module tree on purpose: the teacher is frozen and never saved with the student.
         self.__dict__["_teacher_source"] = None
 
     # ----------------------------------------------------------------------------------- teacher
     @property
     def needs_teacher(self) -> bool:
-        return self.pckd is not None
+        return self.pckd is not None or self.pl_head is not None
 
     def setup(self, stage: str) -> None:
         if stage != "fit" or not self.needs_teacher:
@@ -196,7 +216,7 @@ class SemiKDModule(SegmentationModule):
             return
         from ..teacher_cache import TeacherEmbeddingCache
 
-        samples = dm.labeled + (dm.unlabeled if hp.kd_on_unlabeled else [])
+        samples = dm.labeled + (dm.unlabeled if hp.kd_on_unlabeled or self.pl_head is not None else [])
         cache = TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dm.dataset_name)
         strategy = self.trainer.strategy
         # each process fills a disjoint share, then every process checks the whole set (cheap when done)
@@ -219,6 +239,34 @@ class SemiKDModule(SegmentationModule):
         with torch.no_grad():
             return src.view_embeddings(None, views.float(), part["theta"], (64, 64))
 
+    def _pseudo_label_terms(self, lab: dict, unl: dict | None, logits: torch.Tensor, n_lab: int, ramp: float,
+                            losses: dict) -> torch.Tensor:
+        """L_pl (weighted by lambda_pl and the ramp) plus the read-out head's own supervised loss.
+
+        The head learns from the labeled views only (its input is the frozen teacher's embedding, so its loss
+        moves nothing of the student); in eval mode (BatchNorm's running statistics, never the unlabeled
+        batch's) it then labels the unlabeled weak views, whose student logits are pulled to its labels."""
+        import torch.nn.functional as F
+
+        from ..losses import pseudo_label_loss
+
+        size = tuple(lab["mask"].shape[-2:])
+
+        def head(emb: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(self.pl_head(emb.float()), size=size, mode="bilinear", align_corners=False)
+
+        losses["pl_head"] = self.supervised_loss(head(self._teacher_embeddings(lab["image_weak"], lab)), lab["mask"])
+        total = losses["pl_head"]
+        if unl is not None:
+            self.pl_head.eval()
+            with torch.no_grad():
+                q = torch.softmax(head(self._teacher_embeddings(unl["image_weak"], unl)).float(), dim=1)
+            self.pl_head.train(self.training)
+            losses["pl"] = pseudo_label_loss(logits[n_lab:], q)
+            self.log("train/pl_area", q[:, 1].ge(0.5).float().mean(), batch_size=n_lab)
+            total = total + self.hparams.lambda_pl * ramp * losses["pl"]
+        return total
+
     # ---------------------------------------------------------------------------------- training
     def ramp(self) -> float:
         return ramp(self, self.hparams.ramp_fraction)
@@ -227,7 +275,8 @@ class SemiKDModule(SegmentationModule):
         hp = self.hparams
         lab, unl = batch["labeled"], batch.get("unlabeled")
         n_lab = lab["image_weak"].shape[0]
-        use_unl = unl is not None and (self.dss is not None or (self.pckd is not None and hp.kd_on_unlabeled))
+        use_unl = unl is not None and (self.dss is not None or (self.pckd is not None and hp.kd_on_unlabeled)
+                                       or self.pl_head is not None)
 
         # one forward over labeled weak (+ unlabeled weak) views
         weak = torch.cat([lab["image_weak"], unl["image_weak"]]) if use_unl else lab["image_weak"]
@@ -247,6 +296,9 @@ class SemiKDModule(SegmentationModule):
             losses.update({f"kd_{k}": v for k, v in terms.items() if k != "pckd"})
             losses["pckd"] = terms["pckd"]
             total = total + hp.lambda_kd * ramp * terms["pckd"]
+
+        if self.pl_head is not None:
+            total = total + self._pseudo_label_terms(lab, unl if use_unl else None, logits, n_lab, ramp, losses)
 
         if self.dss is not None and use_unl:
             logits_uw = logits[n_lab:]
