@@ -221,11 +221,10 @@ class TrainIdsRecorder(Callback):
         if self.run_dir is None:
             return
         doc = {"rank": trainer.global_rank, "world_size": trainer.world_size, **self.seen}
+        from .io_utils import atomic_write_text
+
         path = self.run_dir / f"train_ids_rank{trainer.global_rank}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 class WandbRunId(Callback):

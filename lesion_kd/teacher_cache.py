@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from .data.folder import Sample
 from .data.geometry import warp_to_view
 from .data.io import read_image
+from .io_utils import atomic_write_bytes
 from .models import build_teacher
 from .models.teacher import EMBED_SHAPE, teacher_fingerprint
 from .models.teacher_fast import build_image_encoder, check_encoder, encoder_fingerprint
@@ -152,21 +153,10 @@ def _read_entry(path: Path) -> torch.Tensor:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then ``os.replace``: readers see a whole entry or none.
-
-    Unlike :func:`lesion_kd.data.io.atomic_write_bytes` it removes the temporary file when the write
-    fails, so an interrupted fill leaves no 2 MiB orphans behind (only a killed process can).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: DDP ranks may race on one entry
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Readers see a whole entry or none; an interrupted fill leaves no 2 MiB orphans behind (only a killed
+    process can): :func:`lesion_kd.io_utils.atomic_write_bytes`, per-process temporary name (DDP ranks may
+    race on one entry)."""
+    atomic_write_bytes(path, data)
 
 
 def _safe_name(s: str) -> str:

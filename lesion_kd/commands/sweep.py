@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from ..io_utils import atomic_write_text
 from . import parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,12 +220,6 @@ def read_test_dice(run_root: Path) -> float | None:
     return float(json.loads(files[-1].read_text())["dice"]["mean"]) if files else None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def best(values: list[float], goal: str) -> float | None:
     if not values:
         return None
@@ -287,7 +282,7 @@ def write_tables(out: Path, cfg: dict, records: list[dict]) -> tuple[Path, Path]
     for row in rows:
         w.writerow({k: "" if row.get(k) is None else row.get(k) for k in header})
     csv_path = out / "sweep_results.csv"
-    write_atomic(csv_path, buf.getvalue())
+    atomic_write_text(csv_path, buf.getvalue())
 
     def fmt(v: Any) -> str:
         if v is None or v == "":
@@ -310,7 +305,7 @@ def write_tables(out: Path, cfg: dict, records: list[dict]) -> tuple[Path, Path]
             cells[0] = f"**{cells[0]}**"
         lines.append("| " + " | ".join(cells) + " |")
     md_path = out / "sweep_results.md"
-    write_atomic(md_path, "\n".join(lines) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -334,7 +329,7 @@ def run_one(rec: dict, cfg: dict, env: dict[str, str], index: int, count: int) -
         "metric": metric, "metric_history": history, "metric_best": best(history, goal),
         "val_dice_best": best(val_dice, "maximize"), "test_dice": read_test_dice(d),
     }
-    write_atomic(d / "result.json", json.dumps(res, indent=1) + "\n")
+    atomic_write_text(d / "result.json", json.dumps(res, indent=1) + "\n")
     if rc != 0:
         tail = (d / "output.log").read_text().splitlines()[-15:]
         print(f"[sweep] {rec['run']} FAILED (exit {rc}) after {res['seconds']} s; last lines of its log:\n    "
@@ -374,7 +369,7 @@ def main(argv: list[str]) -> int:
                              "use another --out")
     elif not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(saved, yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(saved, yaml.safe_dump(cfg, sort_keys=False))
     for i, a in enumerate(cfg["command"][:-1]):  # relative configs resolve against the working directory
         nxt = str(cfg["command"][i + 1])
         if a == "--config" and not nxt.startswith("${") and not Path(nxt).is_file():
@@ -421,7 +416,7 @@ def main(argv: list[str]) -> int:
         d = out / name
         d.mkdir(parents=True, exist_ok=True)
         rec = {"run": name, "values": values, "command": command, "seed": args.seed + index - 1}
-        write_atomic(d / "proposal.json", json.dumps(rec, indent=1) + "\n")
+        atomic_write_text(d / "proposal.json", json.dumps(rec, indent=1) + "\n")
         rec["dir"] = d
         records.append(rec)
         rec["result"] = run_one(rec, cfg, env, index, args.count)

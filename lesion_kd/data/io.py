@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import UserInputError
+from ..io_utils import atomic_write_bytes
 
 # ".nii.gz" has a double suffix: match names with ``name.lower().endswith(ext)``, never ``Path.suffix``.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".npy", ".dcm", ".nii",
@@ -147,18 +148,6 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             return h, w
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: corrupt or unreadable image ({e})") from e
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_png(path: str | os.PathLike, arr: np.ndarray) -> None:

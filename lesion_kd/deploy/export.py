@@ -37,6 +37,7 @@ import torch.nn as nn
 from .. import __version__
 from ..data.io import IMAGE_EXTENSIONS, DataError, read_image
 from ..data.prep import resize_image
+from ..io_utils import atomic_path
 from . import metadata as md
 from .export_scan import export_scan_formulation, levels_for, longest_scan
 
@@ -352,10 +353,9 @@ def export_network(
     if dynamic_size:  # the scan's recursion depth covers sides up to this, no further
         meta["max_size"] = str(max_size)
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(1))  # batch 2: 1 is specialised
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     report = ExportReport(out, fmt, meta)
-    try:
+    # written to a temporary file beside `out`, renamed into place only once verified (removed on any failure)
+    with atomic_path(out) as tmp:
         # Recursion depth of the scan wherever the length is not a plain int: under torch.export with a
         # dynamic size, and always under torch.jit.trace (its shapes are traced values, not ints).
         levels = levels_for(longest_scan(net, max_size if dynamic_size else size, probe=2 * multiple))
@@ -391,9 +391,4 @@ def export_network(
                 warnings.simplefilter("ignore", FutureWarning)
                 loaded = torch.jit.load(str(tmp), map_location="cpu")
                 torch.jit.save(loaded, str(tmp), _extra_files={md.TORCHSCRIPT_METADATA_FILE: json.dumps(meta, indent=1)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return report
