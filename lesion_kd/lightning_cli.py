@@ -4,14 +4,15 @@ the suite's own commands, e.g. ``segment`` from an ONNX file, run without Lightn
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .callbacks import LesionCheckpoint
 from .data import LesionDataModule
+from .io_utils import atomic_copy
 from .methods import SegmentationModule
+from .results_name import CellName
 
 
 class LesionCLI(LightningCLI):
@@ -99,8 +100,9 @@ class LesionCLI(LightningCLI):
                 os.environ["WANDB_MODE"] = "offline"
             dm = self.datamodule.hparams
             dataset = Path(str(dm.dataset)).name.removesuffix(".csv")  # a user folder or listing: its name only
-            labels = f"{round(dm.labeled_fraction * 100)}pct"
-            name = f"{dataset}-{self.model.results_name}-{self.model.hparams.network}-{labels}-seed{sub.get('seed_everything')}"
+            cell = CellName.of(self.model.results_name, self.model.hparams.network, dm.labeled_fraction,
+                               sub.get("seed_everything"))
+            name = f"{dataset}-{cell}"
             # the resolved config (every option, defaults included) as the run config, secrets never written
             config = self._resolved_config()
             # a resumed run (--ckpt_path last) continues its W&B run: the id is kept beside the run's files
@@ -167,17 +169,14 @@ class LesionCLI(LightningCLI):
         if not root or not self.trainer.is_global_zero:
             return
         dm, model = self.datamodule, self.model
-        labels = round(dm.hparams.labeled_fraction * 100)
-        dest = Path(root) / dm.dataset_name / (
-            f"{model.results_name}-{model.hparams.network}-{labels}pct-seed{self._sub().get('seed_everything')}"
-        )
+        cell = CellName.of(model.results_name, model.hparams.network, dm.hparams.labeled_fraction,
+                           self._sub().get("seed_everything"))
+        dest = Path(root) / dm.dataset_name / cell.folder
         dest.mkdir(parents=True, exist_ok=True)
         # metrics.json last: its presence marks a finished cell (reproduce-table)
         for name in ("config.yaml", "metrics_original_resolution.json", "metrics.csv", "metrics.json"):
             if (run_dir / name).is_file():
-                tmp = dest / f".{name}.tmp"
-                shutil.copyfile(run_dir / name, tmp)
-                os.replace(tmp, dest / name)
+                atomic_copy(run_dir / name, dest / name)
         print(f"results copied to {dest}")
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from ..results_name import CellName
+
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "experiments" / "reproduce"
 
@@ -43,7 +45,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.network}-{round(self.labels * 100)}pct-seed{self.seed}"
+        return CellName.of(self.method, self.network, self.labels, self.seed).folder
 
     @property
     def key(self) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from .tables import CELL
+from ..results_name import CellName
 
 RESAMPLES = 10_000
 
@@ -37,13 +37,13 @@ def load_per_image(root: str | Path) -> dict[tuple, dict[int, dict[str, dict[str
     under ``root`` whose ``metrics.json`` has per-image results."""
     out: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for path in sorted(Path(root).glob("*/*/metrics.json")):
-        m = CELL.match(path.parent.name)
-        if not m:
+        cell = CellName.match(path.parent.name)
+        if cell is None:
             continue
         per_image = json.loads(path.read_text()).get("per_image")
         if per_image:
-            key = (path.parent.parent.name, int(m["labels"]) / 100, m["method"], m["network"])
-            out[key][int(m["seed"])] = per_image
+            key = (path.parent.parent.name, cell.labels, cell.method, cell.network)
+            out[key][cell.seed] = per_image
     return dict(out)
 
 

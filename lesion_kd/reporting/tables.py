@@ -1,16 +1,16 @@
-"""Collect finished results (``<root>/<dataset>/<method>-<network>-<labels>pct-seed<k>/metrics.json``) into
-rows, and render them as Markdown with mean +- std over seeds."""
+"""Collect finished results (``<root>/<dataset>/<method>-<network>-<labels>pct-seed<k>/metrics.json``, folders
+named by :class:`lesion_kd.results_name.CellName`) into rows, and render them as Markdown with mean +- std over
+seeds."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-CELL = re.compile(r"^(?P<method>.+)-(?P<network>[^-]+)-(?P<labels>\d+)pct-seed(?P<seed>\d+)$")
+from ..results_name import CellName
 
 
 def collect(root: str | Path, keep: set[tuple] | None = None) -> list[dict]:
@@ -18,16 +18,16 @@ def collect(root: str | Path, keep: set[tuple] | None = None) -> list[dict]:
     ``keep``: only the cells whose (dataset, method, network, labels, seed) is in it (a manifest's cells)."""
     rows = []
     for metrics in sorted(Path(root).glob("*/*/metrics.json")):
-        m = CELL.match(metrics.parent.name)
-        if not m:
+        cell = CellName.match(metrics.parent.name)
+        if cell is None:
             continue
-        key = (metrics.parent.parent.name, m["method"], m["network"], int(m["labels"]) / 100, int(m["seed"]))
+        key = (metrics.parent.parent.name, cell.method, cell.network, cell.labels, cell.seed)
         if keep is not None and key not in keep:
             continue
         doc = json.loads(metrics.read_text())
         rows.append({
-            "dataset": metrics.parent.parent.name, "method": m["method"], "network": m["network"],
-            "labels": int(m["labels"]) / 100, "seed": int(m["seed"]),
+            "dataset": metrics.parent.parent.name, "method": cell.method, "network": cell.network,
+            "labels": cell.labels, "seed": cell.seed,
             **{k: doc[k]["mean"] for k in ("dice", "iou", "hd95", "asd")}, "n_images": doc["n_images"],
         })
     return rows
