@@ -11,9 +11,9 @@ from conftest import disk_image
 from PIL import Image
 
 from lesion_kd.data import DataError, LesionDataModule
+from lesion_kd.data.catalogue import DATASETS, _busi_splits, _kvasir_splits
 from lesion_kd.data.datasets import to_tensor
 from lesion_kd.data.geometry import coordinate_map, fit_affine, warp_to_view
-from lesion_kd.data.registry import DATASETS, _busi_splits, _kvasir_splits
 from lesion_kd.data.transforms import AugmentationConfig, ViewPairTransform
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,8 @@ def _labels(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..data.download import BASE_ENV, MAX_RATIO, MAX_UNPACKED_BYTES, SOURCES
+    from ..data.catalogue import DATASETS
+    from ..data.download import BASE_ENV, MAX_RATIO, MAX_UNPACKED_BYTES
     from ..data.msd import MSD_TASKS
 
     p = argparse.ArgumentParser(prog="lesion-kd data", description=__doc__.splitlines()[0],
@@ -31,12 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="the datasets that 'download' knows, and which need a manual step")
 
-    names = ", ".join(f"{k}{'' if s.automatic else ' (manual)'}" for k, s in SOURCES.items())
+    names = ", ".join(f"{k}{'' if s.automatic else ' (manual)'}" for k, s in DATASETS.items())
     d = sub.add_parser(
         "download", help="fetch, verify, unpack and convert a public dataset to the suite's folder layout",
         description=f"Download a public dataset into TO/<folder> in the suite's layout (images/, masks/). "
                     f"Known: {names}. Mirrors: ${BASE_ENV}=URL serves the archives under their official names.")
-    d.add_argument("name", choices=sorted(SOURCES), help="dataset to prepare")
+    d.add_argument("name", choices=sorted(DATASETS), help="dataset to prepare")
     d.add_argument("--to", required=True, help="data folder (e.g. $LESION_KD_DATA); the dataset goes to TO/<folder>")
     d.add_argument("--from-archive", action="append", default=None, metavar="FILE",
                    help="prepare from a local archive (.zip/.tar[.gz]) or unpacked folder instead of downloading "
@@ -80,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list() -> int:
-    from ..data.download import SOURCES
+    from ..data.catalogue import DATASETS
 
-    for name, s in SOURCES.items():
+    for name, s in DATASETS.items():
         how = "automatic" if s.automatic else "manual (--from-archive)"
         print(f"{name:<14} -> {s.folder:<14} {how:<24} {s.notes}")
     return 0

@@ -1,4 +1,5 @@
-"""Converters from each dataset's official archive layout to the suite's folder layout.
+"""Converters from each dataset's official archive layout to the suite's folder layout (each dataset's spec
+in :mod:`lesion_kd.data.catalogue` names its converter).
 
 Every converter takes the unpacked archive folder(s) and writes ``out/images/<id><ext>`` and
 ``out/masks/<id>.png`` (single-channel PNG, 0 = background, 255 = lesion, the image's height and width),
@@ -327,11 +328,3 @@ def convert_ph2(roots: list[Path], out: Path, progress: bool = True) -> dict[str
         shutil.copyfile(p, out / p.name)
     return counts
 
-
-CONVERTERS: dict[str, Converter] = {
-    "kvasir-seg": convert_kvasir,
-    "busi": convert_busi,
-    "isic2018": convert_isic2018,
-    "cvc-clinicdb": convert_cvc_clinicdb,
-    "ph2": convert_ph2,
-}

@@ -1,4 +1,5 @@
-"""Getting the public datasets: a registry of sources, resumable checked downloads, safe unpacking.
+"""Getting the public datasets: resumable checked downloads, safe unpacking, and the preparation of a
+dataset folder. What to fetch, and from where, is the dataset's spec in :mod:`lesion_kd.data.catalogue`.
 
 ``prepare_dataset("kvasir-seg", to="data")`` fetches the official archive(s) into the cache
 (``$LESION_KD_CACHE/downloads``, resumable with HTTP ``Range``), verifies them, unpacks them into a work
@@ -6,9 +7,9 @@ folder beside the target (refusing members that would land outside it, and stopp
 them to the suite's folder layout (:mod:`lesion_kd.data.convert`) and moves the finished folder into place
 with its manifest. A second call finds the manifest and does nothing, without any network request.
 
-Checksums: where the publisher gives a SHA-256 it is recorded in :data:`SOURCES` and checked. None of the
-five publishers does, so every archive is checked by *trust on first use*: the size and SHA-256 of the
-first complete download are recorded in ``$LESION_KD_CACHE/downloads/checksums.json`` and every later
+Checksums: where the publisher gives a SHA-256 it is recorded in the dataset's spec (``ArchiveSpec``) and
+checked. None of the five publishers does, so every archive is checked by *trust on first use*: the size
+and SHA-256 of the first complete download are recorded in ``$LESION_KD_CACHE/downloads/checksums.json`` and every later
 download of the same archive must match them (a changed or tampered archive is refused, not converted).
 
 Datasets behind a login or licence form (BUSI, CVC-ClinicDB, PH2) are *manual*: the command says exactly
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .catalogue import DatasetSpec, get_dataset
 from .io import DataError, atomic_write_bytes
 from .prep import cache_root
 
@@ -74,128 +76,6 @@ class UnsafeArchiveError(DataError):
 
 class ManualDownloadRequired(DataError):
     """The dataset needs a manual download (licence form, login); the message says what to fetch."""
-
-
-@dataclass(frozen=True)
-class ArchiveSpec:
-    """One file of a dataset's official distribution.
-
-    ``url`` is None where no direct public link exists (a manual download). ``sha256``/``size`` are the
-    published values, None where the publisher gives none (then trust-on-first-use applies).
-    """
-
-    filename: str
-    url: str | None
-    sha256: str | None = None
-    size: int | None = None
-
-
-@dataclass(frozen=True)
-class DatasetSource:
-    """Where a dataset comes from, how it is licensed and cited, and how to convert it."""
-
-    name: str
-    folder: str  # the folder created under --to (the layout of the shared datasets)
-    archives: tuple[ArchiveSpec, ...]
-    homepage: str
-    licence: str
-    citation: str
-    manual: str | None = None  # what to download by hand; None: fully automatic
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def automatic(self) -> bool:
-        return self.manual is None and all(a.url for a in self.archives)
-
-
-# Published SHA-256 values: none of the publishers gives one (checked on their download pages), so every
-# archive has sha256=None and is verified by trust-on-first-use (see the module docstring).
-SOURCES: dict[str, DatasetSource] = {
-    "kvasir-seg": DatasetSource(
-        name="kvasir-seg",
-        folder="Kvasir-SEG",
-        archives=(ArchiveSpec("kvasir-seg.zip", "https://datasets.simula.no/downloads/kvasir-seg.zip",
-                              sha256=None),  # not published: trust on first use
-                  ),
-        homepage="https://datasets.simula.no/kvasir-seg/",
-        licence="research and educational use only; commercial use forbidden without permission (Simula)",
-        citation=("Jha D, Smedsrud PH, Riegler MA, Halvorsen P, de Lange T, Johansen D, Johansen HD. "
-                  "Kvasir-SEG: A Segmented Polyp Dataset. MultiMedia Modeling (MMM) 2020, LNCS 11962, pp. 451-462."),
-        notes="1000 polyp images (JPEG) with JPEG masks (thresholded >127); splits/pranet_{test,train}.txt added",
-    ),
-    "isic2018": DatasetSource(
-        name="isic2018",
-        folder="ISIC2018",
-        archives=(
-            ArchiveSpec("ISIC2018_Task1-2_Training_Input.zip",
-                        "https://isic-challenge-data.s3.amazonaws.com/2018/ISIC2018_Task1-2_Training_Input.zip",
-                        sha256=None),  # not published: trust on first use (about 10.4 GB)
-            ArchiveSpec("ISIC2018_Task1_Training_GroundTruth.zip",
-                        "https://isic-challenge-data.s3.amazonaws.com/2018/ISIC2018_Task1_Training_GroundTruth.zip",
-                        sha256=None),  # not published: trust on first use
-        ),
-        homepage="https://challenge.isic-archive.com/data/#2018",
-        licence="CC BY-NC 4.0 (ISIC archive; see ATTRIBUTION.txt in the input archive)",
-        citation=("Codella N, et al. Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the "
-                  "International Skin Imaging Collaboration (ISIC). arXiv:1902.03368; and Tschandl P, Rosendahl C, "
-                  "Kittler H. The HAM10000 dataset. Sci Data 2018;5:180161."),
-        notes="task 1 (lesion boundary segmentation) training set: 2594 dermoscopy JPEGs, *_segmentation.png masks",
-    ),
-    "busi": DatasetSource(
-        name="busi",
-        folder="BUSI",
-        archives=(ArchiveSpec("Dataset_BUSI_with_GT.zip", None),),
-        homepage="https://scholar.cu.edu.eg/?q=afahmy/pages/dataset",
-        licence="research use with citation (no licence file; Kaggle mirrors list CC0)",
-        citation=("Al-Dhabyani W, Gomaa M, Khaled H, Fahmy A. Dataset of breast ultrasound images. "
-                  "Data in Brief 2020;28:104863. doi:10.1016/j.dib.2019.104863."),
-        manual=(
-            "BUSI is distributed from a web page (and Kaggle, which needs a login), with no stable direct link.\n"
-            "  1. Download 'Dataset_BUSI_with_GT' from https://scholar.cu.edu.eg/?q=afahmy/pages/dataset\n"
-            "     (or Kaggle: https://www.kaggle.com/datasets/aryashah2k/breast-ultrasound-images-dataset,\n"
-            "     'Download' gives archive.zip holding Dataset_BUSI_with_GT/{benign,malignant,normal}/).\n"
-            "  2. lesion-kd data download busi --to DIR --from-archive PATH/TO/THE.zip"
-        ),
-        notes="780 ultrasound PNGs; multi-lesion masks merged (OR); normal images have empty masks; metadata.csv",
-    ),
-    "cvc-clinicdb": DatasetSource(
-        name="cvc-clinicdb",
-        folder="CVC-ClinicDB",
-        archives=(ArchiveSpec("CVC-ClinicDB.zip", None),),
-        homepage="https://polyp.grand-challenge.org/CVCClinicDB/",
-        licence="research use only; cite the paper (terms on polyp.grand-challenge.org)",
-        citation=("Bernal J, Sanchez FJ, Fernandez-Esparrach G, Gil D, Rodriguez C, Vilarino F. WM-DOVA maps for "
-                  "accurate polyp highlighting in colonoscopy: Validation vs. saliency maps from physicians. "
-                  "Comput Med Imaging Graph 2015;43:99-111."),
-        manual=(
-            "CVC-ClinicDB is shared on request through polyp.grand-challenge.org (no direct public link).\n"
-            "  1. Request/download CVC-ClinicDB from https://polyp.grand-challenge.org/CVCClinicDB/\n"
-            "     (the archive holds Original/ and 'Ground Truth/' folders of 612 TIFFs; the Kaggle copy\n"
-            "     'balraj98/cvcclinicdb' with PNG/ and TIF/ folders works too).\n"
-            "  2. lesion-kd data download cvc-clinicdb --to DIR --from-archive PATH/TO/CVC-ClinicDB.zip\n"
-            "     (a .rar must be unpacked first, e.g. 'unrar x CVC-ClinicDB.rar'; then pass the folder)"
-        ),
-        notes="612 colonoscopy frames (TIFF, read with tifffile), written as PNG",
-    ),
-    "ph2": DatasetSource(
-        name="ph2",
-        folder="PH2",
-        archives=(ArchiveSpec("PH2Dataset.rar", None),),
-        homepage="https://www.fc.up.pt/addi/ph2%20database.html",
-        licence="research use only; cite the paper (terms on the ADDI project page)",
-        citation=("Mendonca T, Ferreira PM, Marques JS, Marcal ARS, Rozeira J. PH2 - A dermoscopic image database "
-                  "for research and benchmarking. IEEE EMBC 2013, pp. 5437-5440."),
-        manual=(
-            "PH2 is downloaded from the ADDI project page after accepting its terms, as a RAR archive.\n"
-            "  1. Download PH2Dataset.rar from https://www.fc.up.pt/addi/ph2%20database.html\n"
-            "  2. Unpack it (RAR is not read here): 'unrar x PH2Dataset.rar' or '7z x PH2Dataset.rar'\n"
-            "  3. lesion-kd data download ph2 --to DIR --from-archive PATH/TO/PH2Dataset\n"
-            "     (the folder holding 'PH2 Dataset images/IMDxxx/...'; a .zip or .tar.gz repack works too)"
-        ),
-        notes="200 dermoscopy BMPs from nested IMDxxx/ folders; *_lesion.bmp masks",
-    ),
-}
 
 
 # ----------------------------------------------------------------------------------- checksum registry
@@ -588,13 +468,7 @@ def read_manifest(folder: Path) -> dict | None:
         raise DataError(f"{path}: unreadable manifest ({e}); delete the folder {folder} and prepare it again") from e
 
 
-def get_source(name: str) -> DatasetSource:
-    if name not in SOURCES:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(sorted(SOURCES))}")
-    return SOURCES[name]
-
-
-def archive_urls(source: DatasetSource, urls: Sequence[str] | None = None) -> list[str | None]:
+def archive_urls(source: DatasetSpec, urls: Sequence[str] | None = None) -> list[str | None]:
     """The URL of each archive: ``urls`` (one per archive), else ``$LESION_KD_DOWNLOAD_BASE/<file name>``,
     else the registry's URL (None for a manual download)."""
     if urls:
@@ -609,7 +483,7 @@ def archive_urls(source: DatasetSource, urls: Sequence[str] | None = None) -> li
     return [a.url for a in source.archives]
 
 
-def _match_local_archives(source: DatasetSource, paths: Sequence[str | os.PathLike]) -> list[Path]:
+def _match_local_archives(source: DatasetSpec, paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Order user-given archives like the registry's; with several archives they are matched by file name."""
     paths = [Path(p).expanduser() for p in paths]
     for p in paths:
@@ -627,7 +501,7 @@ def _match_local_archives(source: DatasetSource, paths: Sequence[str | os.PathLi
     return [by_name.get(a.filename) or by_name[a.filename.rsplit(".", 1)[0]] for a in source.archives]
 
 
-def _source_txt(source: DatasetSource, archives: list[dict], counts: dict) -> str:
+def _source_txt(source: DatasetSpec, archives: list[dict], counts: dict) -> str:
     lines = [
         f"Dataset: {source.folder}",
         f"Prepared by: lesion-kd data download {source.name}",
@@ -663,9 +537,7 @@ def prepare_dataset(
     ``to/<folder>`` in the suite's layout. Does nothing (no network) when the folder's manifest says it is
     complete, unless ``force``. A folder there without a manifest is never touched: it is an error.
     """
-    from .convert import CONVERTERS
-
-    source = get_source(name)
+    source = get_dataset(name)
     to = Path(to).expanduser()
     dest = to / source.folder
     manifest = read_manifest(dest) if dest.is_dir() else None
@@ -728,7 +600,7 @@ def prepare_dataset(
             else:
                 roots.append(safe_extract(path, work / "unpacked" / str(i), max_bytes, max_ratio, progress))
         out = work / "out"
-        counts = CONVERTERS[name](roots, out, progress)
+        counts = source.convert(roots, out, progress)
         atomic_write_bytes(out / "SOURCE.txt", _source_txt(source, records, counts).encode())
         doc = {"dataset": name, "format": MANIFEST_FORMAT, "folder": source.folder, "prepared": _now(),
                "archives": records, "counts": counts}
