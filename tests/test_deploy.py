@@ -61,8 +61,10 @@ def test_levels_cover_the_sequence_length():
 def test_export_formulation_is_restored_after_an_error():
     original = scan_mod.selective_scan_chunked
     with pytest.raises(RuntimeError, match="boom"), export_scan_formulation(3):
-        assert scan_mod.selective_scan_chunked is not original
+        assert isinstance(scan_mod.loop_free_formulation(), scan_mod.ExportScan)
+        assert scan_mod.selective_scan_chunked is original  # selected, not patched in
         raise RuntimeError("boom")
+    assert isinstance(scan_mod.loop_free_formulation(), scan_mod.ChunkedScan)
     assert scan_mod.selective_scan_chunked is original
 
 

@@ -11,38 +11,54 @@ Shapes (as ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``): u, del
 A (D, N); B, C (B, N, L), or (B, G, N, L) with G groups of D // G channels sharing one B/C;
 D, delta_bias (D,); returns (B, D, L).
 
-Three implementations sit behind :func:`selective_scan`:
+Implementations behind :func:`selective_scan`:
 
 * ``"cuda"``: mamba-ssm's fused kernel (optional extra ``pip install 'lesion-kd[cuda]'``).
 * the eager pure-PyTorch path: :class:`SelectiveScanFn`, an autograd Function that runs the
   recurrence over time-major contiguous (L, B, G, N, D/G) blocks (one in-place ``addcmul_`` per step,
   no autograd bookkeeping per step) and whose hand-written backward is the reverse recurrence in the
   same layout. On CPU the per-step overhead and the memory layout dominate, not the arithmetic.
-* ``"chunked"``: :func:`selective_scan_chunked`, a loop-free formulation (log-space cumulative sums
-  within chunks of 8 steps, applied recursively across chunks) made of a fixed, small number of
-  standard ops. It is what tracing and export (``torch.jit.trace``, ``torch.export``,
-  ``torch.onnx.export``) see: the eager loop would unroll into L nodes per call.
+* the loop-free formulations, :class:`ScanFormulation` strategies sharing one set-up (compute dtype,
+  delta bias, softplus, B/C grouping) and one finish (D skip, z gate, output dtype):
+  ``"chunked"``: :class:`ChunkedScan` / :func:`selective_scan_chunked` (log-space cumulative sums
+  within chunks of 8 steps, applied recursively across chunks), a fixed, small number of standard ops.
+  It is what tracing and export (``torch.jit.trace``, ``torch.export``, ``torch.onnx.export``) see:
+  the eager loop would unroll into L nodes per call. :class:`ExportScan` / :func:`selective_scan_export`
+  is the shape-polymorphic, ONNX-Runtime-friendly variant an exporter selects for the duration of an
+  export with :func:`scan_formulation` (a context variable read here; nothing is patched).
 
-:func:`selective_scan_ref` is the plain sequential loop (autograd through ``unbind`` time slices) that
-the tests and the benchmark compare against.
+:func:`selective_scan_ref` (:class:`ReferenceScan`, the same set-up and finish) is the plain sequential
+loop (autograd through ``unbind`` time slices) that the tests and the benchmark compare against.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "ChunkedScan",
+    "ExportScan",
+    "ReferenceScan",
+    "ScanFormulation",
+    "SelectiveScanFn",
     "cuda_scan_available",
+    "levels_for",
+    "loop_free_formulation",
     "mamba_ssm_import_error",
+    "scan_formulation",
     "selective_scan",
     "selective_scan_chunked",
+    "selective_scan_export",
     "selective_scan_ref",
-    "SelectiveScanFn",
 ]
 
 _BACKENDS = ("auto", "torch", "cuda", "chunked")
@@ -124,8 +140,103 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# One set-up and one finish for the formulations that run in plain tensor ops
+# --------------------------------------------------------------------------------------------------
+class _Prepared(NamedTuple):
+    """The set-up's result: inputs in the compute dtype, step sizes final, B and C grouped."""
+
+    u: torch.Tensor  # (b, d, L)
+    delta: torch.Tensor  # (b, d, L): delta_bias added, softplus applied (when asked)
+    A: torch.Tensor  # (d, n)
+    B: torch.Tensor  # (b, g, 1, n, L)
+    C: torch.Tensor  # (b, g, 1, n, L)
+    du: torch.Tensor  # delta * u, (b, d, L)
+    groups: int
+    dtype: torch.dtype  # the compute dtype
+    out_dtype: torch.dtype
+
+
+def _setup(u, delta, A, B, C, delta_bias, delta_softplus: bool, groups: int, softplus=F.softplus) -> _Prepared:
+    """Compute dtype (float32 for half-precision inputs, like mamba-ssm's kernel), delta bias, softplus,
+    B/C grouped as (b, g, 1, n, L) and delta * u: what every formulation does before its recurrence."""
+    b, d, L = u.shape
+    n = A.shape[1]
+    out_dtype = u.dtype
+    cd = _compute_dtype(u.dtype)
+    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(cd)[:, None]
+    if delta_softplus:
+        delta = softplus(delta)
+    B = B.reshape(b, groups, 1, n, L)
+    C = C.reshape(b, groups, 1, n, L)
+    return _Prepared(u, delta, A, B, C, delta * u, groups, cd, out_dtype)
+
+
+def _finish(y: torch.Tensor, p: _Prepared, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """The D skip, the z gate and the output dtype, after the recurrence's y = C . x (b, d, L)."""
+    if D is not None:
+        y = y + D.to(p.dtype)[:, None] * p.u
+    if z is not None:
+        y = y * F.silu(z.to(p.dtype))
+    return y.to(p.out_dtype)
+
+
+class ScanFormulation:
+    """A way of running the recurrence between the shared :func:`_setup` and :func:`_finish`.
+
+    Called like :func:`selective_scan_ref` (u, delta, A, B, C, D, z, delta_bias, delta_softplus); a subclass
+    gives :meth:`recurrence` (y = C . x from the prepared inputs) and may change the softplus (as ops, the
+    result the same) or skip the shape check (symbolic shapes under graph capture). The reference, the chunked
+    and the export formulations are such strategies; :func:`scan_formulation` selects the one graph capture
+    records. The eager :class:`SelectiveScanFn` and the CUDA kernel fuse set-up and finish into their own
+    time-major loops and are not: :func:`selective_scan` picks them by ``backend``.
+    """
+
+    name = "formulation"
+    check_shapes = True
+    softplus = staticmethod(F.softplus)
+
+    def recurrence(self, p: _Prepared) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus: bool = False) -> torch.Tensor:
+        if self.check_shapes:
+            g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+        else:
+            g = B.shape[1] if B.dim() == 4 else 1
+        p = _setup(u, delta, A, B, C, delta_bias, delta_softplus, g, self.softplus)
+        return _finish(self.recurrence(p), p, D, z)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+# --------------------------------------------------------------------------------------------------
 # Sequential reference
 # --------------------------------------------------------------------------------------------------
+class ReferenceScan(ScanFormulation):
+    """The straightforward sequential loop over ``unbind`` time slices, differentiated by autograd."""
+
+    name = "reference"
+
+    def recurrence(self, p: _Prepared) -> torch.Tensor:
+        b, d, L = p.u.shape
+        n, g = p.A.shape[1], p.groups
+        dA = torch.exp(p.delta.unsqueeze(-1) * p.A[:, None, :])  # (b, d, L, n)
+        dBu = (p.du.reshape(b, g, d // g, L, 1) * p.B.transpose(-1, -2)).reshape(b, d, L, n)
+        Ct = p.C.transpose(-1, -2).expand(b, g, d // g, L, n).reshape(b, d, L, n)
+        x = p.u.new_zeros(b, d, n)
+        ys = []
+        for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), Ct.unbind(2), strict=True):
+            x = dA_t * x + dBu_t
+            ys.append((x * C_t).sum(-1))
+        return torch.stack(ys, dim=-1)
+
+
+_REFERENCE = ReferenceScan()
+
+
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -142,29 +253,8 @@ def selective_scan_ref(
     Slow (L autograd steps); the ground truth for tests and the baseline of benchmarks/bench_scan.py.
     Shapes as :func:`selective_scan`; returns (B, D, L).
     """
-    g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    b, d, L = u.shape
-    n = A.shape[1]
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    Bg = B.reshape(b, g, 1, n, L)
-    Cg = C.reshape(b, g, 1, n, L)
-    dA = torch.exp(delta.unsqueeze(-1) * A[:, None, :])  # (b, d, L, n)
-    dBu = ((delta * u).reshape(b, g, d // g, L, 1) * Bg.transpose(-1, -2)).reshape(b, d, L, n)
-    Ct = Cg.transpose(-1, -2).expand(b, g, d // g, L, n).reshape(b, d, L, n)
-    x = u.new_zeros(b, d, n)
-    ys = []
-    for dA_t, dBu_t, C_t in zip(dA.unbind(2), dBu.unbind(2), Ct.unbind(2), strict=True):
-        x = dA_t * x + dBu_t
-        ys.append((x * C_t).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + D[:, None] * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y
+    return _REFERENCE(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,6 +516,36 @@ def _chunked_linear_scan(log_a: torch.Tensor, x: torch.Tensor, chunk: int, min_l
     return h[..., :L, :] if pad else h
 
 
+def _min_log(dtype: torch.dtype, chunk: int) -> float:
+    """Lowest log-decay a step keeps (lower ones are raised to it): bounds every in-chunk exponent
+    |S_t - M| by :func:`_max_exponent`."""
+    return -_max_exponent(dtype) / max(1, (chunk - 1) - (chunk - 1) // 2)
+
+
+class ChunkedScan(ScanFormulation):
+    """The loop-free formulation of :func:`selective_scan_chunked` (``chunk`` steps a chunk); the default
+    that graph capture records."""
+
+    name = "chunked"
+
+    def __init__(self, chunk: int = _CHUNK) -> None:
+        self.chunk = chunk
+
+    def recurrence(self, p: _Prepared) -> torch.Tensor:
+        b, d, L = p.u.shape
+        n, g = p.A.shape[1], p.groups
+        log_a = p.delta.unsqueeze(-1) * p.A[:, None, :]  # (b, d, L, n)
+        x = (p.du.reshape(b, g, d // g, L, 1) * p.B.transpose(-1, -2)).reshape(b, d, L, n)
+        h = _chunked_linear_scan(log_a, x, self.chunk, _min_log(p.dtype, self.chunk))  # (b, d, L, n)
+        return (h.reshape(b, g, d // g, L, n) * p.C.transpose(-1, -2)).sum(-1).reshape(b, d, L)
+
+    def __repr__(self) -> str:
+        return f"ChunkedScan(chunk={self.chunk})"
+
+
+_CHUNKED = ChunkedScan()
+
+
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -443,28 +563,197 @@ def selective_scan_chunked(
     The graph has a fixed number of nodes per log_chunk(L) level (3 levels for L=256), independent
     of L otherwise. Gradients come from autograd. Shapes as :func:`selective_scan`; returns (B, D, L).
     """
-    g = _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    b, d, L = u.shape
-    n = A.shape[1]
-    out_dtype = u.dtype
-    cd = _compute_dtype(u.dtype)
-    u, delta, A, B, C = (t.to(cd) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(cd)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    log_a = delta.unsqueeze(-1) * A[:, None, :]  # (b, d, L, n)
-    Bt = B.reshape(b, g, 1, n, L).transpose(-1, -2)  # (b, g, 1, L, n)
-    x = ((delta * u).reshape(b, g, d // g, L, 1) * Bt).reshape(b, d, L, n)
-    min_log = -_max_exponent(cd) / max(1, (chunk - 1) - (chunk - 1) // 2)
-    h = _chunked_linear_scan(log_a, x, chunk, min_log)  # (b, d, L, n)
-    Ct = C.reshape(b, g, 1, n, L).transpose(-1, -2)
-    y = (h.reshape(b, g, d // g, L, n) * Ct).sum(-1).reshape(b, d, L)
-    if D is not None:
-        y = y + D.to(cd)[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.to(cd))
-    return y.to(out_dtype)
+    scan = _CHUNKED if chunk == _CHUNK else ChunkedScan(chunk)
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export formulation: loop-free, shape-polymorphic, inference-only (selected by the exporter)
+# --------------------------------------------------------------------------------------------------
+def levels_for(max_len: int, chunk: int = _CHUNK) -> int:
+    """Recursion depth that covers sequences up to ``max_len`` steps: the smallest k with chunk**k >= max_len."""
+    return max(1, math.ceil(math.log(max(max_len, 2)) / math.log(chunk) - 1e-9))
+
+
+def _chunk_matrices(T: int, mid: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Constant (T, T) and (T, 1) matrices that turn the in-chunk sums into GEMMs (see :func:`_export_linear_scan`)."""
+    s = torch.arange(T, device=like.device)
+    upper = (s[:, None] <= s[None, :]).to(like.dtype)  # upper[s, t] = [s <= t]: x @ upper = cumsum
+    w_mid = (s <= mid).to(like.dtype)
+    return upper, upper - w_mid[:, None], w_mid[:, None], (1 - w_mid)[:, None], torch.ones_like(w_mid)
+
+
+def _export_linear_scan(
+    log_a: torch.Tensor, x: torch.Tensor, chunk: int, min_log: float, levels: int, polymorphic: bool
+) -> torch.Tensor:
+    """All states of h_t = exp(log_a_t) h_{t-1} + x_t, h_{-1} = 0, along the last dim; (..., L) -> same.
+
+    Time is the last axis and every in-chunk sum is a product with a constant (T, T) or (T, 1)
+    matrix, so that each becomes one GEMM over all rows ((B * D * N * L / T) x T times T x T). With
+    the chunk axis innermost, ONNX Runtime's CumSum and its broadcasting element-wise kernels run in
+    spans of T = 8 elements and cost several times a same-shape op; the GEMMs do not.
+
+    Per chunk, with S the cumulative log-decay and M = S at the middle step (as the training-side
+    formulation): h_t = exp(S_t - M) * (sum_{s<=t} x_s / exp(S_s - M) + exp(M) h_start). Log-decays
+    below ``min_log`` are raised to it, which bounds every exponent by 64 (the decay is then below
+    float32 precision anyway). The chunk-end states follow the same recurrence one level up;
+    ``levels`` bounds the depth wherever the length is not a plain int (symbolic under torch.export
+    with a dynamic size; a traced value under ``torch.jit.trace``) or ``polymorphic`` is set; a plain
+    int length recurses as far as it needs and pads only when it must. ``polymorphic`` makes a
+    ``torch.jit.trace`` graph valid for other lengths (always pad; fixed depth).
+    """
+    L = x.shape[-1]
+    T = chunk
+    log_a = log_a.clamp(min=min_log)
+    pad = (-L) % T
+    static_pad = isinstance(pad, int) and not polymorphic
+    if not (static_pad and pad == 0):  # a symbolic length always pads (by zero steps where it divides)
+        log_a = F.pad(log_a, (0, pad))
+        x = F.pad(x, (0, pad))
+    la = log_a.unflatten(-1, (-1, T))  # (..., nc, T)
+    xx = x.unflatten(-1, (-1, T))
+    upper, w_rel, w_mid, w_rest, ones = _chunk_matrices(T, (T - 1) // 2, la)
+    e = torch.exp(la @ w_rel)  # exp(S_t - M)
+    q = xx / e
+    nc = la.shape[-2]
+    if nc > 1 if isinstance(nc, int) and not polymorphic else levels > 1:
+        M = (la @ w_mid).squeeze(-1)  # (..., nc)
+        end_minus_mid = (la @ w_rest).squeeze(-1)  # S_T - M
+        end0 = torch.exp(end_minus_mid) * (q @ ones[:, None]).squeeze(-1)  # chunk-end state, zero start
+        if polymorphic:
+            # Chunk ends by recursive doubling: nested chunk levels would need nested size arithmetic
+            # (ceil of ceil of L / 8), on which torch.export adds guards that the ONNX graph then drops.
+            steps = (levels - 1) * round(math.log2(T))  # covers nc <= T**(levels - 1)
+            ends = _doubling_scan(M + end_minus_mid, end0, steps)
+        else:
+            ends = _export_linear_scan(M + end_minus_mid, end0, T, min_log, levels - 1, polymorphic)
+        start = F.pad(ends[..., :-1], (1, 0))  # state entering each chunk; zero for the first
+        carry = (torch.exp(M) * start).unsqueeze(-1)  # M >= 4 min_log: exp(M) stays a normal float
+        # carry @ ones: the (..., nc, 1) -> (..., nc, T) broadcast as a K=1 GEMM (see the docstring)
+        acc = q @ upper + carry @ ones[None, :]
+    else:
+        acc = q @ upper
+    h = (e * acc).flatten(-2)
+    return h if static_pad and pad == 0 else h[..., :L]
+
+
+def _doubling_scan(log_a: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """All states of h_t = exp(log_a_t) h_{t-1} + x_t along the last dim, for L <= 2**steps, by recursive
+    doubling (Hillis-Steele): after step k each state holds the last 2**(k+1) inputs. Only shifts by
+    constants and slices to the input's own length: valid for any L without size arithmetic.
+    Needs log_a <= 0 (a decaying, stable recurrence, as in the VSS blocks), so that exp never overflows.
+    """
+    L = x.shape[-1]
+    for k in range(steps):
+        shift = 1 << k
+        x = x + torch.exp(log_a) * F.pad(x, (shift, 0))[..., :L]
+        if k + 1 < steps:
+            log_a = log_a + F.pad(log_a, (shift, 0))[..., :L]
+    return x
+
+
+def _stable_softplus(x: torch.Tensor) -> torch.Tensor:
+    # softplus as relu(x) + log(1 + exp(-|x|)): ONNX Runtime's Softplus kernel is several times slower than
+    # these four ops, and the form is stable for any x (the result differs from F.softplus by less than
+    # float32 resolution).
+    return F.relu(x) + torch.log1p(torch.exp(-x.abs()))
+
+
+class ExportScan(ScanFormulation):
+    """The scan as an exported graph sees it: loop-free, shape-polymorphic, inference-only.
+
+    Selected for the duration of an export (``with scan_formulation(ExportScan(levels, polymorphic)):``, as
+    :func:`lesion_kd.deploy.export_scan.export_scan_formulation` does); the set-up and finish are the shared
+    ones. Two properties of the chunked formulation matter for deployment and differ here:
+
+    * **Shape polymorphism.** The chunked formulation decides in Python whether to pad the sequence to a
+      multiple of the chunk and how many levels deep to recurse (``if pad:``, ``if nc > 1:``). A traced or
+      exported graph bakes those decisions in, so an export with a dynamic spatial size fails
+      (``torch.export`` cannot guard on them) or, through ``torch.jit.trace``, silently breaks at another
+      size. Here the padding is always applied (zero steps after the end never change earlier states) and
+      the recursion depth is fixed from the largest sequence the export must accept (``levels``, see
+      :func:`levels_for`): a level whose sequence fits in one chunk costs a few tiny ops. ``polymorphic``:
+      build a graph valid for any length up to chunk**levels (for ``torch.jit.trace``, which cannot mark
+      lengths symbolic).
+    * **A layout and op mix that ONNX Runtime runs fast.** The element-wise ops on the states are most of
+      the exported student's CPU time. Here the states are laid out (B, G, D/G, N, L), time last (the layout
+      the (B, D, L) inputs already have), the in-chunk cumulative sums are GEMMs with constant triangular
+      matrices, softplus is four cheap ops, and, with no backward to protect, ``exp(M - S) * x`` becomes
+      ``x / exp(S - M)``. At 256x256 this takes the exported student from about 43 to about 31 ms per image
+      on one CPU thread (ONNX Runtime 1.32). Every exponent stays within +-64, as in the chunked formulation.
+
+    Shapes are not checked (they may be symbolic); semantics, shapes and dtypes are :func:`selective_scan`'s.
+    """
+
+    name = "export"
+    check_shapes = False
+    softplus = staticmethod(_stable_softplus)
+
+    def __init__(self, levels: int = 8, polymorphic: bool = False, chunk: int = _CHUNK) -> None:
+        self.levels, self.polymorphic, self.chunk = levels, polymorphic, chunk
+
+    def recurrence(self, p: _Prepared) -> torch.Tensor:
+        b, d, L = p.u.shape
+        n, g = p.A.shape[1], p.groups
+        dg = d // g
+        log_a = p.delta.reshape(b, g, dg, 1, L) * p.A.reshape(g, dg, n, 1)  # (b, g, dg, n, L)
+        x = p.du.reshape(b, g, dg, 1, L) * p.B
+        h = _export_linear_scan(log_a, x, self.chunk, _min_log(p.dtype, self.chunk), self.levels, self.polymorphic)
+        return (h * p.C).sum(-2).reshape(b, d, L)
+
+    def __repr__(self) -> str:
+        return f"ExportScan(levels={self.levels}, polymorphic={self.polymorphic}, chunk={self.chunk})"
+
+
+def selective_scan_export(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk: int = _CHUNK,
+    levels: int = 8,
+    polymorphic: bool = False,
+) -> torch.Tensor:
+    """Loop-free, shape-polymorphic selective scan for exported graphs (:class:`ExportScan`); returns y (B, D, L).
+
+    Shapes as :func:`selective_scan`. ``levels``: the recursion depth used when the sequence length is
+    symbolic or ``polymorphic`` is set (covers L <= chunk**levels; see :func:`levels_for`); ``polymorphic``:
+    build a graph valid for any length up to that (for ``torch.jit.trace``, which cannot mark lengths symbolic).
+    """
+    return ExportScan(levels, polymorphic, chunk)(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which loop-free formulation graph capture records: a context variable, read by selective_scan
+# --------------------------------------------------------------------------------------------------
+_LOOP_FREE: contextvars.ContextVar[ScanFormulation | None] = contextvars.ContextVar("lesion_kd_scan_formulation",
+                                                                                    default=None)
+
+
+def loop_free_formulation() -> ScanFormulation:
+    """The formulation :func:`selective_scan` runs while a graph is captured or for ``backend="chunked"``:
+    the one selected by :func:`scan_formulation`, else :class:`ChunkedScan`."""
+    return _LOOP_FREE.get() or _CHUNKED
+
+
+@contextlib.contextmanager
+def scan_formulation(formulation: ScanFormulation) -> Iterator[ScanFormulation]:
+    """Within the block (this thread or task only), graph capture (jit trace, torch.export, ONNX export) and
+    ``backend="chunked"`` calls of :func:`selective_scan` run ``formulation`` instead of the chunked one; eager
+    calls of the other backends are unaffected, and the previous choice comes back on exit, also after an
+    error. No function of this module is replaced: ``selective_scan_chunked`` stays what it is."""
+    if not isinstance(formulation, ScanFormulation):
+        raise TypeError(f"scan_formulation needs a ScanFormulation, got {type(formulation).__name__}")
+    token = _LOOP_FREE.set(formulation)
+    try:
+        yield formulation
+    finally:
+        _LOOP_FREE.reset(token)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -494,6 +783,8 @@ def selective_scan(
             the pure-PyTorch scan; ``"torch"``: the pure-PyTorch scan (the eager recurrence, or the
             chunked formulation while tracing or exporting); ``"cuda"``: the kernel, an error saying
             why and how to install it when it is unavailable; ``"chunked"``: the loop-free formulation.
+            Wherever the loop-free formulation runs, it is :func:`loop_free_formulation`'s: the chunked one
+            unless :func:`scan_formulation` selected another (an exporter selects :class:`ExportScan`).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; choose one of {_BACKENDS}")
@@ -509,8 +800,8 @@ def selective_scan(
             f"mamba-ssm's CUDA kernel is unavailable ({reason}); using the pure-PyTorch scan. {_INSTALL_HINT}",
             stacklevel=2,
         )
-    if backend == "chunked" or _is_tracing():
-        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if backend == "chunked" or _is_tracing():  # the chunked formulation, or the one scan_formulation selected
+        return loop_free_formulation()(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return SelectiveScanFn.apply(*tensors, delta_softplus, for_backward)
