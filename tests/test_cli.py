@@ -11,27 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import BASE, REPO, lesion_kd, make_folder_dataset, run_dir_of
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-BASE = ["--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/supervised.yaml",
-        "--config", "experiments/profile/smoke.yaml"]
-
-
-def lesion_kd(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    proc = subprocess.run([sys.executable, "-m", "lesion_kd.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"lesion-kd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-def run_dir_of(root: Path) -> Path:
-    (metrics,) = root.rglob("metrics.json")
-    return metrics.parent
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +86,6 @@ def test_wandb_logging_offline_without_credentials(tmp_path, data_dir):
 
 
 def test_user_folder_trains_with_no_registry_entry(tmp_path):
-    from conftest import make_folder_dataset
-
     data = make_folder_dataset(tmp_path / "own", n=24, sizes=((70, 90), (64, 64)))
     out = lesion_kd("fit", "--config", "experiments/method/supervised.yaml", "--config", "experiments/profile/smoke.yaml",
                     "--data.root", str(data), "--data.dataset", "own", "--data.max_train_images", "null",

@@ -54,7 +54,7 @@ def per_image_val_dice(run: Path, dm) -> dict[str, float]:
 
 
 def test_two_process_ddp_semikd_shards_both_streams_and_gathers_val_metrics(tmp_path, data_dir, monkeypatch):
-    from test_cli import lesion_kd, run_dir_of
+    from helpers import lesion_kd, run_dir_of
 
     # 16 training images at 10%: 2 labeled, so 1 labeled + 2 unlabeled per process and step; 7 validation
     # images, so that DistributedSampler pads rank 1 with a copy of image 0 (4 + 4): a mean of per-process

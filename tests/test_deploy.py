@@ -236,7 +236,7 @@ def _cli(*args: str, env: dict | None = None, check: bool = True, module: str = 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, data_dir) -> dict[str, Path]:
     """One smoke fit of the Mamba student (64x64), exported once to ONNX and once to TorchScript."""
-    from test_cli import lesion_kd, run_dir_of
+    from helpers import lesion_kd, run_dir_of
 
     tmp = tmp_path_factory.mktemp("deploy")
     env = {"LESION_KD_DATA": str(data_dir)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_cli import BASE, lesion_kd, run_dir_of
+from helpers import BASE, lesion_kd, run_dir_of
 
 pytestmark = pytest.mark.slow
 

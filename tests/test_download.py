@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import disk_image
+from helpers import disk_image
 from PIL import Image
 
 from lesion_kd.data import download as dl

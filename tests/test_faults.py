@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_cli import REPO
+from helpers import REPO
 
 from lesion_kd.data import DataError, LesionDataModule
 from lesion_kd.data.prep import entry_path, load_canonical

@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import disk_image
+from helpers import disk_image
 from PIL import Image
 
 from lesion_kd.data import DataError, LesionDataModule, read_image, read_mask, scan_folder

@@ -130,7 +130,7 @@ def test_l_pl_trains_the_student_only_through_its_logits():
 def test_smoke_fit_of_semikd_plus_lands_as_its_own_row(tmp_path, data_dir):
     import json
 
-    from test_cli import lesion_kd
+    from helpers import lesion_kd
 
     lesion_kd("fit", "--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/semikd_plus.yaml",
               "--config", "experiments/profile/smoke.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_cell
 
 from lesion_kd.reporting import paired
-
-
-def write_cell(root: Path, name: str, dice: list[float], hd95: list[float] | None = None, dataset: str = "kvasir-seg",
-               ids: list[str] | None = None) -> None:
-    ids = ids or [f"img{i:03d}" for i in range(len(dice))]
-    hd95 = hd95 if hd95 is not None else [10.0] * len(dice)
-    per_image = {i: {"dice": d, "iou": d, "hd95": h, "asd": h / 3} for i, d, h in zip(ids, dice, hd95, strict=True)}
-    doc = {k: {"mean": float(np.mean([v[k] for v in per_image.values()])), "std": 0.0} for k in ("dice", "iou", "hd95", "asd")}
-    cell = root / dataset / name
-    cell.mkdir(parents=True)
-    (cell / "metrics.json").write_text(json.dumps({**doc, "n_images": len(ids), "per_image": per_image}))
 
 
 def rng_dice(seed: int, n: int = 60) -> np.ndarray:

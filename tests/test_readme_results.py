@@ -142,7 +142,7 @@ def _manifest_two_fractions(tmp: Path) -> Path:
 
 def test_the_paired_summary_sets_each_fraction_beside_its_difference_from_supervised_only(tmp_path, capsys):
     import numpy as np
-    from test_paired import write_cell
+    from helpers import write_cell
 
     m = load_manifest(_manifest_two_fractions(tmp_path))
     base = np.random.default_rng(0).uniform(0.3, 0.8, 60)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cli import REPO
+from helpers import REPO
 
 from lesion_kd.reporting.manifest import ManifestError, load_manifest, select
 

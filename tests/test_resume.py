@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import REPO, lesion_kd
+from helpers import REPO, lesion_kd
 
 pytestmark = pytest.mark.slow
 

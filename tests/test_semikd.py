@@ -177,7 +177,7 @@ def test_checkpoint_holds_no_teacher_and_loads_as_a_plain_student(tmp_path):
 
 @pytest.mark.slow
 def test_cache_teacher_command_fills_the_cache_for_an_experiment(data_dir):
-    from test_cli import lesion_kd
+    from helpers import lesion_kd
 
     args = ("cache-teacher", "--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/profile/smoke.yaml")
     out = lesion_kd(*args, env_extra={"LESION_KD_DATA": str(data_dir)}, timeout=600)
@@ -192,7 +192,7 @@ def test_cache_teacher_command_fills_the_cache_for_an_experiment(data_dir):
 
 @pytest.mark.slow
 def test_semikd_smoke_fit_and_test_through_the_cli(tmp_path, data_dir):
-    from test_cli import lesion_kd, run_dir_of
+    from helpers import lesion_kd, run_dir_of
 
     env = {"LESION_KD_DATA": str(data_dir)}  # the teacher cache of the test above is reused (same $LESION_KD_CACHE)
     out = lesion_kd("fit", "--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/semikd.yaml",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import BASE, REPO, lesion_kd
+from helpers import BASE, REPO, lesion_kd
 
 pytestmark = pytest.mark.slow
 

@@ -196,7 +196,7 @@ def test_every_proposed_command_line_is_accepted_by_the_cli(path, capsys, monkey
 
 @pytest.mark.slow
 def test_local_sweep_runs_two_configs_offline_and_tabulates_them(tmp_path, data_dir):
-    from test_cli import lesion_kd
+    from helpers import lesion_kd
 
     out = tmp_path / "sweep"
     env = {"LESION_KD_DATA": str(data_dir), "WANDB_SILENT": "true", "WANDB_API_KEY": ""}
@@ -269,7 +269,7 @@ def wandb_records(path: Path) -> list:
 
 @pytest.mark.slow
 def test_wandb_run_gets_resolved_config_metrics_images_and_checkpoint_without_secrets(tmp_path, data_dir):
-    from test_cli import BASE, lesion_kd
+    from helpers import BASE, lesion_kd
 
     secret = "s3cr3t-value-of-a-token-0042"
     env = {"LESION_KD_DATA": str(data_dir), "WANDB_API_KEY": "", "WANDB_MODE": "offline", "WANDB_SILENT": "true",

@@ -9,30 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import TINY_SAM, dice, disk_scene
 
 from lesion_kd.models import build_teacher, list_teachers
 from lesion_kd.models.teacher import SAMTeacher, TeacherCheckpointError, litemedsam_checkpoint_path
-
-# A SAM image encoder small enough to run in about half a second at 1024 x 1024.
-TINY_SAM = {"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2, "encoder_global_attn_indexes": ()}
-
-
-def disk_scene(h: int = 240, w: int = 320) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A bright disk on a textured background: image (1, 3, h, w) in [0, 1], mask (h, w), box (1, 4)."""
-    g = torch.Generator().manual_seed(0)
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    cx, cy, r = 0.55 * w, 0.45 * h, 0.18 * min(h, w) + 8
-    disk = ((xx - cx) ** 2 + (yy - cy) ** 2 < r**2).float()
-    texture = 0.3 + 0.1 * torch.sin(xx / 5.0) * torch.cos(yy / 7.0) + 0.05 * torch.rand(h, w, generator=g)
-    image = (texture * (1 - disk) + 0.85 * disk).clamp(0, 1).expand(1, 3, h, w).contiguous()
-    ys, xs = torch.nonzero(disk, as_tuple=True)
-    box = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float()[None] + torch.tensor([[-5.0, -5.0, 5.0, 5.0]])
-    return image, disk, box
-
-
-def dice(prob: torch.Tensor, target: torch.Tensor) -> float:
-    pred = (prob > 0.5).float()
-    return float(2 * (pred * target).sum() / (pred.sum() + target.sum()).clamp_min(1))
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ def test_the_head_refuses_an_image_for_an_embedding():
 
 @pytest.mark.slow
 def test_smoke_fit_of_the_teacher_readout_lands_as_a_teacher_row(tmp_path, data_dir):
-    from test_cli import lesion_kd
+    from helpers import lesion_kd
 
     out = lesion_kd("fit", "--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/method/teacher.yaml",
                     "--config", "experiments/profile/smoke.yaml", "--trainer.default_root_dir", str(tmp_path / "runs"),
