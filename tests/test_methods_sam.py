@@ -1,17 +1,16 @@
-"""The SAM-based baselines' distinctive mechanisms: SemiSAM-MT's box prompt from the student's prediction and
-the pseudo-label the real LiteMedSAM makes from it; CPC-SAM's cross point prompts between its two decoders
-and its LoRA (identity at start, only LoRA + decoders trainable, no gradient into the frozen encoder)."""
+"""The methods with a SAM inside (SemiSAM-MT, CPC-SAM; CPU, a few seconds each with the real LiteMedSAM):
+SemiSAM-MT's box prompt from the student's prediction and the pseudo-label the real LiteMedSAM makes from it;
+CPC-SAM's cross point prompts between its two decoders and its LoRA (identity at start, only LoRA + decoders
+trainable, no gradient into the frozen encoder). The method tests are organised by family: see
+tests/test_methods_common.py."""
 
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from test_baselines import batch
-from test_teacher import TINY_SAM, dice, disk_scene
+from helpers import TINY, TINY_SAM, batch, dice, disk_scene, method_config
 
 from lesion_kd.methods import CPCSAM, SemiSAMMT
 from lesion_kd.methods.cpc_sam import point_prompts, to_model_frame
@@ -19,24 +18,19 @@ from lesion_kd.methods.semisam_mt import box_from_prediction
 from lesion_kd.models import build_teacher
 from lesion_kd.models.sam_lora import LoRAQKV, SAMDualDecoder, add_lora
 
-REPO = Path(__file__).resolve().parents[1]
+# training_step outside a Trainer: self.log() only warns
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
-TINY_UNET = {"network": "unet", "network_kwargs": {"channels": [8, 16, 32, 64, 128]}}
-
-
-def config(name: str) -> dict:
-    return yaml.safe_load((REPO / "experiments" / "method" / f"{name}.yaml").read_text())["model"]
 
 
 @pytest.fixture(scope="module")
 def cpc() -> CPCSAM:
     torch.manual_seed(0)
-    return CPCSAM(**config("cpc_sam")["init_args"])
+    return CPCSAM(**method_config("cpc_sam")["init_args"])
 
 
 def test_configs_name_the_classes_and_match_their_defaults():
     for name, cls in (("semisam_mt", SemiSAMMT), ("cpc_sam", CPCSAM)):
-        cfg = config(name)
+        cfg = method_config(name)
         assert cfg["class_path"] == f"lesion_kd.methods.{cls.__name__}" and cls.method_name == name
         assert cls.uses_unlabeled
         params = inspect.signature(cls.__init__).parameters
@@ -46,7 +40,7 @@ def test_configs_name_the_classes_and_match_their_defaults():
                 assert value == (pytest.approx(default) if isinstance(default, float) else default), key
 
 
-# --------------------------------------------------------------------------------------------- SemiSAM-MT
+# --------------------------------------------------------------------------------------- SemiSAM-MT
 def test_box_prompt_is_the_largest_components_box_with_a_bounded_outward_jitter():
     pred = torch.zeros(3, 64, 64, dtype=torch.long)
     pred[0, 10:30, 20:41] = 1  # the largest component: x 20..40, y 10..29
@@ -67,7 +61,7 @@ def test_box_prompt_is_the_largest_components_box_with_a_bounded_outward_jitter(
 
 def test_the_box_of_the_students_prediction_makes_litemedsam_cover_the_disk():
     image, disk, _ = disk_scene(96, 128)
-    m = SemiSAMMT(**TINY_UNET)
+    m = SemiSAMMT(**TINY)
     pred = disk.long()[None].clone()
     pred[0, :6, :6] = 1  # a spurious blob: the box is the disk's, not the union's
     pred[0, 40:50, 55:65] = 0  # a hole in the student's mask: SAM fills it
@@ -86,7 +80,7 @@ def test_the_box_of_the_students_prediction_makes_litemedsam_cover_the_disk():
 
 def test_semisam_term_uses_the_pseudo_labels_of_prompted_images_only_with_a_ramp_down(monkeypatch):
     torch.manual_seed(0)
-    m = SemiSAMMT(**{**config("semisam_mt")["init_args"], **TINY_UNET})
+    m = SemiSAMMT(**{**method_config("semisam_mt")["init_args"], **TINY})
     b = batch()
     target = torch.zeros(2, 32, 32, dtype=torch.long)
     target[0, 5:15, 5:15] = 1
@@ -106,7 +100,7 @@ def test_semisam_term_uses_the_pseudo_labels_of_prompted_images_only_with_a_ramp
 
 def test_semisam_step_trains_the_student_only_and_keeps_sam_out_of_the_state():
     torch.manual_seed(0)
-    m = SemiSAMMT(**{**config("semisam_mt")["init_args"], **TINY_UNET})
+    m = SemiSAMMT(**{**method_config("semisam_mt")["init_args"], **TINY})
     loss = m.training_step(batch(), 0)
     loss.backward()
     assert all(p.grad is not None for p in m.net.parameters())
@@ -114,10 +108,10 @@ def test_semisam_step_trains_the_student_only_and_keeps_sam_out_of_the_state():
     assert not any(k.startswith(("_sam", "sam")) for k in m.state_dict())
     assert {n.split(".")[0] for n, _ in m.named_parameters()} == {"net", "teacher"}
     with pytest.raises(ValueError, match="teacher_checkpoint"):
-        SemiSAMMT(teacher="medsam", **TINY_UNET)
+        SemiSAMMT(teacher="medsam", **TINY)
 
 
-# ------------------------------------------------------------------------------------------------ CPC-SAM
+# ------------------------------------------------------------------------------------------ CPC-SAM
 def test_point_prompts_lie_in_the_largest_region_of_each_class():
     pred = torch.zeros(2, 40, 40, dtype=torch.long)
     pred[0, 5:25, 10:30] = 1  # the lesion's largest region
@@ -232,7 +226,7 @@ def test_only_lora_and_decoders_train_and_no_gradient_reaches_the_frozen_encoder
     try:
         loss = cpc.training_step(batch(1, 1, size=32), 0)
     finally:
-        cpc.hparams.warm_fraction = config("cpc_sam")["init_args"]["warm_fraction"]
+        cpc.hparams.warm_fraction = method_config("cpc_sam")["init_args"]["warm_fraction"]
     assert set(cpc._last_losses) >= {"sup", "prompted_sup1", "prompted_sup2", "cross1", "cross2"}
     loss.backward()
     assert not [n for n in trainable if dict(cpc.named_parameters())[n].grad is None]
