@@ -9,7 +9,7 @@ A manifest (``experiments/reproduce/<profile>.yaml``) names the training profile
 fractions, methods (a method config and its network) and seeds of the comparison table, the ablation rows
 and the efficiency measurements. A cell is finished when ``<results>/<dataset>/<method>-<network>-<labels>pct-
 seed<k>/`` holds its ``metrics.json`` (written last, atomically, by ``lesion-kd fit --results_root``), so
-cells run by anyone before (other issues, earlier sittings) are reused, and a cell killed halfway is never
+cells run by anyone before (for other issues, in earlier sessions) are reused, and a cell killed halfway is never
 counted: it is run again with ``--ckpt_path last`` and continues from its last checkpoint.
 """
 

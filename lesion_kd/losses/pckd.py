@@ -14,17 +14,14 @@ branch of L_resp is a target (detached), so the projector is trained by L_map al
 
 Why the centring (``centered``, default on; method.md writes n(f_s) - n(P(f_t))): with both sides trainable
 and the comparison scale-free, the uncentred L_map has a degenerate minimum: every pixel of the student's
-deepest feature turned to one shared direction, P's output the same constant. Measured on the cpu-profile
-checkpoints (2026-11-26): every run with uncentred L_map (SemiKD, L_sup + L_map, L_sup + L_pckd, Kvasir-SEG
-and BUSI) ended with the deepest feature's pixel directions coherent to 1.000 (norm of the mean unit
-vector) and per-pixel norms of 550-1020, against 0.60-0.63 and 16-49 without L_map. Centred, a constant
+deepest feature turned to one shared direction, P's output the same constant, and every trained run with
+the uncentred L_map ended there (docs/method.md, section 4.1, has the measurement). Centred, a constant
 feature has nothing left to match: the student has to reproduce the teacher's spatial structure.
 
-Centring leaves a second easy minimum (measured 2026-11-26, ``experiments/results/diagnostics/README.md``):
-the student's centred pixels along ONE direction (+u or -u times a scalar map; PC1 share 0.60-0.75 of the
-deepest feature against 0.27-0.32 without L_map), which a projector predicting one scalar map matches to
-L_map of about 0.002. The optional relational term (``relation_weight``, off by default; a reconstruction,
-not in method.md) adds
+Centring leaves a second easy minimum (docs/method.md, section 4.1, "What remains"): the student's centred
+pixels along ONE direction (+u or -u times a scalar map), which a projector predicting one scalar map
+matches to an L_map near zero. The optional relational term (``relation_weight``, off by default; a
+reconstruction, not in method.md) adds
 
     L_rel = mean_{b,i,j} ( <n(c(f_s))_i, n(c(f_s))_j> - <n(c(f_t'))_i, n(c(f_t'))_j> )^2
 

@@ -69,7 +69,7 @@ class BCP(SegmentationModule):
         box_ratio: side of the pasted box as a fraction of the image side (2/3).
         largest_cc: keep only the largest connected component of each class in the pseudo-labels.
         self_train_from: ``best`` (the pre-training's best validation Dice, the authors' choice) or ``last``
-            (its last step; runs before 2026-11-26's fifth sitting did this).
+            (its last step; the suite's earlier default, docs/method.md, section 4.9).
         schedule: learning-rate schedule (BCP: ``constant``).
         **kwargs: the base's other arguments (network, optimiser, learning rate).
     """
