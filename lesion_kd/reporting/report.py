@@ -38,7 +38,8 @@ PAPER_TABLE1 = [
 ]
 ABLATION_ROWS = {"semikd_sup": "L_sup only", "semikd_featkd": "L_sup + plain feature KD (FitNets)",
                  "semikd_map": "L_sup + L_map", "semikd_pckd": "L_sup + L_pckd", "semikd_dss": "L_sup + L_dss",
-                 "semikd": "L_sup + L_pckd + L_dss (full method)"}
+                 "semikd": "L_sup + L_pckd + L_dss (full method)", "semikd_pl": "L_sup + L_pl (teacher pseudo-labels)",
+                 "semikd_plus": "L_sup + L_pckd + L_dss + L_pl (SemiKD+)"}
 QUALITATIVE_ROWS = 6
 
 
