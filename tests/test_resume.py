@@ -39,19 +39,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, data_dir):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     lesion_kd("fit", *RUN, "--trainer.default_root_dir", str(straight), env_extra=env)
 
-    proc = subprocess.Popen([sys.executable, "-m", "lesion_kd.cli", "fit", *RUN, "--trainer.default_root_dir",
-                             str(killed)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen, deadline = [], time.time() + 300
-    for line in proc.stdout:  # kill as soon as the checkpoint after step KILL_AFTER_STEP is on disk
-        seen.append(line)
-        if line.startswith("checkpoint: ") and int(line.split(" at step ")[1]) >= KILL_AFTER_STEP:
-            proc.send_signal(signal.SIGKILL)
-            break
-        assert time.time() < deadline, "".join(seen[-50:])
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-50:])
+    step_at_kill = kill_after_checkpoint(RUN, killed, env, min_step=KILL_AFTER_STEP)
     (interrupted,) = killed.rglob("last.ckpt")
-    step_at_kill = torch.load(interrupted, map_location="cpu", weights_only=True)["global_step"]
     assert KILL_AFTER_STEP <= step_at_kill < 24 and not list(killed.rglob("metrics.json"))  # not finished
 
     out = lesion_kd("fit", *RUN, "--trainer.default_root_dir", str(killed), "--ckpt_path", "last", env_extra=env)
