@@ -132,9 +132,10 @@ def test_resumed_fit_restores_and_keeps_updating_the_ema_teacher(fitted, tmp_pat
     buffers = ("running_mean", "running_var", "num_batches_tracked")
     n_student = sum(1 for k in before["state_dict"] if k.startswith("net.") and not k.endswith(buffers))
     assert sum(len(g["params"]) for g in before["optimizer_states"][0]["param_groups"]) == n_student
+    # a longer budget is another run to the resume guard: extended here on purpose
     lesion_kd("fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(last), "--trainer.max_steps", "5",
               "--test_after_fit", "false", "--trainer.default_root_dir", str(tmp_path),
-              env_extra={"LESION_KD_DATA": str(data_dir)})
+              env_extra={"LESION_KD_DATA": str(data_dir), "LESION_KD_RESUME_CHANGED_CONFIG": "1"})
     after = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
     assert after["global_step"] == 5
     k = teacher_keys[0]
