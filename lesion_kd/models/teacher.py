@@ -316,16 +316,29 @@ class SAMTeacher(nn.Module):
         """
         if boxes.shape != (images.shape[0], 4):
             raise ValueError(f"boxes must be (B, 4) = ({images.shape[0]}, 4), got {tuple(boxes.shape)}")
-        H, W = images.shape[-2:]
-        x, (h, w) = self.preprocess(images)
-        emb = self.image_encoder(x)  # the decoder works in the padded model frame, so no cropping here
-        scale = torch.tensor([w / W, h / H, w / W, h / H], device=x.device)
-        boxes = boxes.to(device=x.device, dtype=torch.float32) * scale
+        prompt_frame = self.encode_for_prompts(images)
+        return self.decode_boxes(prompt_frame, boxes).to(images.device)
+
+    @torch.no_grad()
+    def encode_for_prompts(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """(embedding in the padded model frame, the valid (h, w) in it, the images' (H, W)): what
+        :meth:`decode_boxes` needs, so that several prompts of one image run the encoder once."""
+        x, valid = self.preprocess(images)
+        # the decoder works in the padded model frame, so no cropping here
+        return self.image_encoder(x), valid, tuple(images.shape[-2:])
+
+    @torch.no_grad()
+    def decode_boxes(self, prompt_frame: tuple[torch.Tensor, tuple[int, int], tuple[int, int]],
+                     boxes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) lesion probabilities of one box (x0 y0 x1 y1 in input pixels) per encoded image."""
+        emb, (h, w), (H, W) = prompt_frame
+        scale = torch.tensor([w / W, h / H, w / W, h / H], device=emb.device)
+        boxes = boxes.to(device=emb.device, dtype=torch.float32) * scale
         pe = self.prompt_encoder.get_dense_pe()
         out = []
         # One image at a time: SAM's MaskDecoder repeats the image embedding once per prompt, so a batch of
         # B images with one box each would be decoded as B x B pairs.
-        for i in range(x.shape[0]):
+        for i in range(emb.shape[0]):
             sparse, dense = self.prompt_encoder(points=None, boxes=boxes[i : i + 1], masks=None)
             low_res, _ = self.mask_decoder(image_embeddings=emb[i : i + 1], image_pe=pe,
                                            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
@@ -334,7 +347,7 @@ class SAMTeacher(nn.Module):
         logits = F.interpolate(torch.cat(out), (self.input_size, self.input_size), mode="bilinear",
                                align_corners=False)[..., :h, :w]
         logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits).to(images.device)
+        return torch.sigmoid(logits)
 
 
 # ----------------------------------------------------------------------------------------------- builders
