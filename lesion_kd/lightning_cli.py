@@ -13,6 +13,7 @@ from .data import LesionDataModule
 from .io_utils import atomic_copy
 from .methods import SegmentationModule
 from .results_name import CellName
+from .wiring import wire
 
 
 class LesionCLI(LightningCLI):
@@ -134,6 +135,10 @@ class LesionCLI(LightningCLI):
         print(f"--ckpt_path last: resuming {ckpt}", flush=True)
         self.config_init[self.subcommand]["ckpt_path"] = str(ckpt)
         return resume_in_place(trainer, ckpt)
+
+    def after_instantiate_classes(self) -> None:
+        # the one place the method and the data module are connected, both ways, for every subcommand
+        wire(self.model, self.datamodule)
 
     def after_fit(self) -> None:
         if not self._sub().get("test_after_fit"):

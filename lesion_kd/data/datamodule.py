@@ -14,6 +14,7 @@ import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from ..wiring import wire
 from .datasets import EvalDataset, ImageFolderDataset, ViewPairDataset
 from .folder import Sample, scan_folder
 from .io import DataError, atomic_write_bytes, read_image, split_image_name
@@ -114,8 +115,11 @@ class LesionDataModule(L.LightningDataModule):
         self.unlabeled: list[Sample] = []
         self.bad_samples: list[str] = []
         self.dataset_name = dataset
-        # set by a method that needs more per training sample (e.g. cached teacher embeddings); picklable
-        self.sample_extras = None
+        # what the method being trained tells this module (lesion_kd.wiring.wire -> attach): the module, whether it
+        # takes the unlabeled stream, and a provider of per-sample extras (e.g. cached teacher embeddings)
+        self._wired_to = None
+        self._wants_unlabeled = False
+        self._extras_provider = None
         self._scan_skipped: list[str] = []  # a user folder's images without a mask, masks without an image (skip)
         self._ready = False
 
@@ -158,6 +162,7 @@ class LesionDataModule(L.LightningDataModule):
         return root.name, root, samples, splits, f"seeded split of {root} (seed {hp.split_seed})"
 
     def setup(self, stage: str | None = None) -> None:
+        self._wire_trainer_module()
         if self._ready:
             return
         hp = self.hparams
@@ -210,10 +215,30 @@ class LesionDataModule(L.LightningDataModule):
         }
         atomic_write_bytes(Path(run_dir) / "split.json", (json.dumps(doc, indent=1) + "\n").encode())
 
+    # ----------------------------------------------------------------------------- the method, wired
+    def attach(self, module, uses_unlabeled: bool, sample_extras=None) -> None:
+        """What the method ``module`` tells the data module (called by :func:`lesion_kd.wiring.wire`): whether it
+        takes the unlabeled stream, and ``sample_extras``, a provider called when the training loaders are built
+        (after the method's set-up) that returns a picklable callable adding entries to each training sample, or
+        None."""
+        self._wired_to = module
+        self._wants_unlabeled = bool(uses_unlabeled)
+        self._extras_provider = sample_extras
+
+    def _wire_trainer_module(self) -> None:
+        """The fallback for ``trainer.fit(model, datamodule=dm)`` without :func:`~lesion_kd.wiring.wire`: at set-up
+        (Lightning's first hook), the module the trainer runs is wired by the same function, when it is not the one
+        this data module is wired to (``lesion-kd`` wires them itself, and this does nothing)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if module is not None and module is not self._wired_to:
+            wire(module, self)
+
+    def _sample_extras(self):
+        return self._extras_provider() if self._extras_provider is not None else None
+
     # ------------------------------------------------------------------------------------ loaders
     def _uses_unlabeled(self) -> bool:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return bool(getattr(module, "uses_unlabeled", False)) and self.hparams.unlabeled_batch_size > 0
+        return self._wants_unlabeled and self.hparams.unlabeled_batch_size > 0
 
     def _loader(self, ds, batch_size: int, train: bool, stream: str = "") -> DataLoader:
         hp = self.hparams
@@ -250,7 +275,8 @@ class LesionDataModule(L.LightningDataModule):
         hp = self.hparams
         self._check_share("labeled", len(self.labeled), hp.labeled_batch_size)
         tf = ViewPairTransform(self.augmentation)
-        labeled = ViewPairDataset(self.labeled, hp.image_size, tf, hp.cache_dir, labeled=True, extras=self.sample_extras)
+        extras = self._sample_extras()
+        labeled = ViewPairDataset(self.labeled, hp.image_size, tf, hp.cache_dir, labeled=True, extras=extras)
         loaders = {"labeled": self._loader(labeled, hp.labeled_batch_size, True, "labeled")}
         if self._uses_unlabeled():
             if len(self.unlabeled) < hp.unlabeled_batch_size:
@@ -260,7 +286,7 @@ class LesionDataModule(L.LightningDataModule):
                 )
             self._check_share("unlabeled", len(self.unlabeled), hp.unlabeled_batch_size)
             unlabeled = ViewPairDataset(self.unlabeled, hp.image_size, ViewPairTransform(self.augmentation),
-                                        hp.cache_dir, labeled=False, extras=self.sample_extras)
+                                        hp.cache_dir, labeled=False, extras=extras)
             loaders["unlabeled"] = self._loader(unlabeled, hp.unlabeled_batch_size, True, "unlabeled")
         return CombinedLoader(loaders, mode="max_size_cycle")
 

@@ -155,6 +155,26 @@ class SegmentationModule(L.LightningModule):
 
         warnings.warn(f"{problem}: step skipped ({self.skipped_steps} so far)", RuntimeWarning, stacklevel=2)
 
+    # ------------------------------------------------------------------- the data module, wired explicitly
+    _wired_data = None
+
+    def connect_data(self, data) -> None:
+        """The data module this method trains and evaluates with, given by :func:`lesion_kd.wiring.wire` (which
+        ``lesion-kd`` calls, and ``LesionDataModule.setup`` for a plain ``trainer.fit(model, datamodule=dm)``)."""
+        self.__dict__["_wired_data"] = data
+
+    @property
+    def wired_data(self):
+        """The data module given to :meth:`connect_data` (None before): its splits for set-up,
+        ``hparams.eval_original_resolution`` and ``sample_by_index`` for evaluation."""
+        return self._wired_data
+
+    def sample_extras(self):
+        """What the data module's training loaders add to each sample: a picklable callable (sample -> dict of
+        entries), or None. Asked for when the loaders are built, after :meth:`setup`; a method that caches teacher
+        embeddings there stores the callable as ``self.__dict__["_sample_extras"]``."""
+        return self.__dict__.get("_sample_extras")
+
     # ----------------------------------------------------------------------------- evaluation
     def eval_logits(self, batch: dict, split: str) -> torch.Tensor:
         """(B, C, S, S) logits of an evaluation batch (validation, test); a method whose network does not take
@@ -167,7 +187,7 @@ class SegmentationModule(L.LightningModule):
         target = batch["mask"].cpu().numpy()
         for i, sid in enumerate(batch["id"]):
             self._eval[sid] = image_metrics(pred[i], target[i])
-        dm = self.trainer.datamodule
+        dm = self.wired_data
         if split == "test" and getattr(getattr(dm, "hparams", None), "eval_original_resolution", False):
             for i, idx in enumerate(batch["index"].tolist()):
                 sample = dm.sample_by_index("test", idx)

@@ -206,7 +206,7 @@ class SemiKDModule(SegmentationModule):
         if stage != "fit" or not self.needs_teacher:
             return
         hp = self.hparams
-        dm = self.trainer.datamodule
+        dm = self.wired_data  # lesion_kd.wiring.wire; the cached embeddings go back to it through sample_extras()
         if hp.teacher_mode == "online":
             from ..teacher_cache import OnlineTeacherEmbeddings
 
@@ -225,7 +225,7 @@ class SemiKDModule(SegmentationModule):
         strategy.barrier("teacher-cache")
         cache.fill(samples, progress=False)
         fresh = TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dm.dataset_name)
-        dm.sample_extras = _CachedEmbedding(fresh)  # a cache object without a built teacher pickles light
+        self.__dict__["_sample_extras"] = _CachedEmbedding(fresh)  # a cache object without a built teacher pickles light
 
     def _teacher_embeddings(self, views: torch.Tensor, part: dict) -> torch.Tensor:
         """(B, 256, 64, 64) float32 teacher embeddings aligned with ``views`` (B, 3, S, S)."""

@@ -54,29 +54,28 @@ class TeacherReadout(SegmentationModule):
         self.__dict__["_online"] = None
 
     # ------------------------------------------------------------------------------------- embeddings
-    def _open_cache(self):
+    def _open_cache(self, dataset_name: str):
         from ..teacher_cache import TeacherEmbeddingCache
 
         hp = self.hparams
-        return TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint,
-                                     self.trainer.datamodule.dataset_name)
+        return TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dataset_name)
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
+        dm = self.wired_data  # lesion_kd.wiring.wire; the cached embeddings go back to it through sample_extras()
         splits = {"fit": ("val",), "validate": ("val",), "test": ("test",)}.get(stage, ())
         samples = (list(dm.labeled) if stage == "fit" else []) + [s for sp in splits for s in dm.splits[sp]]
         if not samples:
             return
-        cache = self._open_cache()
+        cache = self._open_cache(dm.dataset_name)
         # each process fills a disjoint share, then every process checks the whole set (cheap when done)
         cache.fill(samples, rank=self.trainer.global_rank, world_size=self.trainer.world_size,
                    progress=self.trainer.is_global_zero)
         self.trainer.strategy.barrier("teacher-cache")
         cache.fill(samples, progress=False)
-        fresh = self._open_cache()  # without a built teacher: pickles light into the loader workers
+        fresh = self._open_cache(dm.dataset_name)  # without a built teacher: pickles light into the loader workers
         self.__dict__["_cache"] = fresh
         if stage == "fit":
-            dm.sample_extras = _CachedEmbedding(fresh)
+            self.__dict__["_sample_extras"] = _CachedEmbedding(fresh)
 
     def _head_logits(self, emb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         logits = self.net(emb.to(self.device, torch.float32))
