@@ -356,6 +356,17 @@ class TeacherEmbeddingCache:
         return aligned(self.get_batch(samples), theta, size)
 
 
+class CachedEmbeddingExtras:
+    """Picklable per-sample loader for the data-loader workers: ``{"teacher_emb": (256, 64, 64) float16}`` of a
+    cache (open it without a built teacher, so that it pickles light); a method's ``sample_extras``."""
+
+    def __init__(self, cache: TeacherEmbeddingCache) -> None:
+        self.cache = cache
+
+    def __call__(self, sample: Sample) -> dict:
+        return {"teacher_emb": self.cache.get(sample)}
+
+
 class OnlineTeacherEmbeddings:
     """Runs the teacher on every batch's (augmented) views; ``view_embeddings`` as the cache's.
 

@@ -157,7 +157,9 @@ def test_the_default_logger_is_csv_even_where_tensorboard_is_installed(tmp_path)
         trainer = Trainer(logger=Other(), default_root_dir=tmp_path, enable_checkpointing=False)
         csv_unless_configured(trainer, configured)
         (lg,) = trainer.loggers
-        assert type(lg) is CSVLogger and Path(lg.log_dir).parent == tmp_path / "lightning_logs"
+        # a CSVLogger that redacts secrets from hparams.yaml (issue 30, item 8), not Lightning's default
+        assert isinstance(lg, CSVLogger) and type(lg).__name__ == "SecretSafeCSVLogger"
+        assert Path(lg.log_dir).parent == tmp_path / "lightning_logs"
     named = Other()
     trainer = Trainer(logger=named, default_root_dir=tmp_path, enable_checkpointing=False)
     csv_unless_configured(trainer, {"class_path": "Other"})  # a logger the config names is kept

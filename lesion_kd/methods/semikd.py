@@ -31,16 +31,6 @@ from .base import SegmentationModule
 from .components import check_weights, ramp
 
 
-class _CachedEmbedding:
-    """Picklable per-sample loader for the data-loader workers: {"teacher_emb": (256, 64, 64) float16}."""
-
-    def __init__(self, cache) -> None:
-        self.cache = cache
-
-    def __call__(self, sample) -> dict:
-        return {"teacher_emb": self.cache.get(sample)}
-
-
 class SemiKDModule(SegmentationModule):
     """The paper's method: frozen MedSAM teacher -> Mamba student, three loss terms.
 
@@ -62,8 +52,8 @@ class SemiKDModule(SegmentationModule):
         perturbation_strength: its strength (noise amplitude a, or the dropout probability).
         map_centered: L_map (and L_resp's teacher branch) compare the deepest features' deviations from
             their image mean (default); false: the uncentred L_map of method.md, which collapses the
-            student's deepest feature to one direction (``lesion_kd.losses.pckd``; results before
-            2026-11-26 were trained with it).
+            student's deepest feature to one direction (``lesion_kd.losses.pckd``; which committed results were
+            trained with it: ``docs/method.md``, 4.1 and 4.9).
         map_relation_weight: weight of the relational term L_rel added to L_map (0: off, the default): the
             student's pixel-to-pixel similarities at the distilled stage matched to those of the teacher's raw
             embedding, which a rank-one student feature cannot match (``lesion_kd.losses.pckd``; a
@@ -71,7 +61,7 @@ class SemiKDModule(SegmentationModule):
         use_dss: switch L_dss on or off.
         gamma2: weight of the distribution-alignment term inside L_dss (10: at 0.1 the term, squared area gaps
             of about 0.01-0.03, weighs nothing and the lesion class spreads over the unlabeled images;
-            experiments/results/diagnostics/README.md; results before 2026-11-26's fifth sitting used 0.1).
+            experiments/results/diagnostics/README.md; which results used 0.1: ``docs/method.md``, 4.4 and 4.9).
         gamma3: weight of the contrast term inside L_dss.
         use_consistency: switch the class-balanced weak-to-strong consistency term.
         use_alignment: switch the labeled/unlabeled distribution alignment term.
@@ -214,7 +204,7 @@ class SemiKDModule(SegmentationModule):
             src.teacher.to(self.device)
             self.__dict__["_teacher_source"] = src
             return
-        from ..teacher_cache import TeacherEmbeddingCache
+        from ..teacher_cache import CachedEmbeddingExtras, TeacherEmbeddingCache
 
         samples = dm.labeled + (dm.unlabeled if hp.kd_on_unlabeled or self.pl_head is not None else [])
         cache = TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dm.dataset_name)
@@ -225,7 +215,7 @@ class SemiKDModule(SegmentationModule):
         strategy.barrier("teacher-cache")
         cache.fill(samples, progress=False)
         fresh = TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dm.dataset_name)
-        self.__dict__["_sample_extras"] = _CachedEmbedding(fresh)  # a cache object without a built teacher pickles light
+        self.__dict__["_sample_extras"] = CachedEmbeddingExtras(fresh)  # a cache object without a built teacher pickles light
 
     def _teacher_embeddings(self, views: torch.Tensor, part: dict) -> torch.Tensor:
         """(B, 256, 64, 64) float32 teacher embeddings aligned with ``views`` (B, 3, S, S)."""

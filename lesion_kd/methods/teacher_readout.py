@@ -15,16 +15,6 @@ import torch.nn.functional as F
 from .base import SegmentationModule
 
 
-class _CachedEmbedding:
-    """Picklable per-sample loader for the data-loader workers: {"teacher_emb": (256, 64, 64) float16}."""
-
-    def __init__(self, cache) -> None:
-        self.cache = cache
-
-    def __call__(self, sample) -> dict:
-        return {"teacher_emb": self.cache.get(sample)}
-
-
 class TeacherReadout(SegmentationModule):
     """The teacher's read-out: a head on the frozen LiteMedSAM embedding, trained on the labeled images only.
 
@@ -75,7 +65,9 @@ class TeacherReadout(SegmentationModule):
         fresh = self._open_cache(dm.dataset_name)  # without a built teacher: pickles light into the loader workers
         self.__dict__["_cache"] = fresh
         if stage == "fit":
-            self.__dict__["_sample_extras"] = _CachedEmbedding(fresh)
+            from ..teacher_cache import CachedEmbeddingExtras
+
+            self.__dict__["_sample_extras"] = CachedEmbeddingExtras(fresh)
 
     def _head_logits(self, emb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         logits = self.net(emb.to(self.device, torch.float32))
@@ -97,7 +89,7 @@ class TeacherReadout(SegmentationModule):
         cache = self.__dict__["_cache"]
         if cache is None:
             return super().eval_logits(batch, split)
-        dm = self.trainer.datamodule
+        dm = self.wired_data  # lesion_kd.wiring.wire
         emb = torch.stack([cache.get(dm.sample_by_index(split, int(i))).float() for i in batch["index"]])
         return self._head_logits(emb, tuple(batch["image"].shape[-2:]))
 
