@@ -13,7 +13,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_model
+from machine import print_machine_header
 
 from lesion_kd.commands import parser
 from lesion_kd.models.scan import selective_scan, selective_scan_chunked, selective_scan_ref
@@ -92,13 +92,7 @@ def main() -> None:
     impls = {k: v for k, v in IMPLEMENTATIONS.items() if not args.only or any(k.startswith(o) for o in args.only)}
     impls.setdefault("sequential reference loop", IMPLEMENTATIONS["sequential reference loop"])
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}")
-    print(f"load average before: {tuple(round(x, 2) for x in os.getloadavg())}")
-    print(
-        "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)")
-        + ", OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)")
-        + f", {time.strftime('%Y-%m-%d %H:%M %Z')}"
-    )
+    print_machine_header()
     print(f"batch {args.batch}, channels {args.channels}, state {args.state}, float32, "
           f"median of {args.repeats} after 1 warm-up\n")
     print("| L | implementation | forward s | forward+backward s | speed-up vs loop (fwd+bwd) |")

@@ -15,7 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from machine import cpu_model
+from machine import print_machine_header
 from torch.utils.flop_counter import FlopCounterMode
 
 from lesion_kd.models import build_model
@@ -62,13 +62,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_model()}")
-    print(f"load average before: {tuple(round(v, 2) for v in os.getloadavg())}")
-    print(
-        "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)")
-        + ", OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)")
-        + f", {time.strftime('%Y-%m-%d %H:%M %Z')}"
-    )
+    print_machine_header()
     print(
         f"input {args.batch}x3x{args.size}x{args.size}, float32; median of {args.rounds} alternating rounds "
         f"({args.infer_iters} inference batches, {args.train_iters} AdamW training steps each) after a warm-up\n"

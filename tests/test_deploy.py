@@ -252,6 +252,14 @@ def exported(tmp_path_factory, data_dir) -> dict[str, Path]:
     return out
 
 
+def _kvasir_folder(data_dir: Path, n: int, folder: Path) -> Path:
+    """A folder holding copies of the first ``n`` Kvasir-SEG test images."""
+    folder.mkdir()
+    for f in _kvasir(data_dir, n):
+        Image.open(f).save(folder / f.name)
+    return folder
+
+
 def _kvasir(data_dir: Path, n: int) -> list[Path]:
     return sorted((data_dir / "Kvasir-SEG" / "images").glob("*.jpg"))[:n]
 
@@ -298,10 +306,7 @@ def test_exported_masks_equal_eager_pytorch_on_kvasir(exported, data_dir):
 
 @pytest.mark.slow
 def test_segment_from_onnx_runs_without_lightning_or_training_code(exported, data_dir, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for f in _kvasir(data_dir, 2):
-        Image.open(f).save(folder / f.name)
+    folder = _kvasir_folder(data_dir, 2, tmp_path / "in")
     code = (
         "import sys\n"
         "from lesion_kd.deploy.segment import open_model, segment_images\n"
@@ -332,10 +337,7 @@ def test_segment_cli_on_a_mixed_folder_from_onnx(exported, data_dir, tmp_path):
 def test_segment_from_torchscript_and_checkpoint_agree_with_onnx_and_tta_is_valid(exported, data_dir, tmp_path):
     from lesion_kd.deploy.segment import open_model
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for f in _kvasir(data_dir, 3):
-        Image.open(f).save(folder / f.name)
+    folder = _kvasir_folder(data_dir, 3, tmp_path / "in")
     masks = {}
     for kind in ("onnx", "torchscript", "ckpt"):
         segment_images(folder, tmp_path / kind, open_model(exported[kind], threads=1), progress=False, log=lambda s: None)
