@@ -381,11 +381,16 @@ def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, li
             except Exception as e:  # noqa: BLE001 - a method whose network is not a plain student: say so
                 notes.append(f"{c.key}: no predictions ({type(e).__name__}: {str(e)[:120]})")
                 net = None
+            masks = None
             if net is not None:
                 x = torch.stack([torch.from_numpy(load_canonical(samples[i], size, cache_dir).image).permute(2, 0, 1)
                                  .float().div(255) for i in missing])
-                with torch.inference_mode():
-                    masks = net(x).argmax(1).to(torch.uint8).numpy()
+                try:
+                    with torch.inference_mode():
+                        masks = net(x).argmax(1).to(torch.uint8).numpy()
+                except ValueError as e:  # a network that reads no image (the teacher's read-out head): say so
+                    notes.append(f"{c.key}: no predictions ({str(e)[:120]})")
+            if masks is not None:
                 qdir.mkdir(parents=True, exist_ok=True)
                 for i, mk in zip(missing, masks, strict=True):
                     buf = io.BytesIO()
