@@ -25,6 +25,8 @@ class ReadoutHead(nn.Module):
         hidden: channels of the hidden layer (0: a linear probe, one 1x1 convolution).
     """
 
+    reads_images = False  # its input is the teacher's embedding (what the report's picture grid asks)
+
     def __init__(self, in_channels: int = 3, num_classes: int = 2, embed_channels: int = 256, hidden: int = 64) -> None:
         super().__init__()
         del in_channels

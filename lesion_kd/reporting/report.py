@@ -325,6 +325,13 @@ def _best_checkpoint(m: Manifest, c: Cell) -> Path | None:
     return found[-1] if found else None
 
 
+def _reads_images(network: str) -> bool:
+    """Whether a registered network segments images (``models.readout.ReadoutHead`` reads teacher embeddings)."""
+    from ..models import build_model
+
+    return getattr(build_model(network), "reads_images", True)
+
+
 def _test_samples(config_path: Path):
     """The test samples of a cell's data config and its model input size."""
     import yaml
@@ -351,6 +358,11 @@ def qualitative_figure(m: Manifest, cells: list[Cell]) -> tuple[bytes | None, li
         return None, notes
     ds, lab = done[0].dataset, done[0].labels
     shown = [c for c in done if (c.dataset, c.labels) == (ds, lab)]
+    # a row whose network segments no image (the teacher's read-out head reads teacher embeddings) has nothing to
+    # draw here, and it must not move which images the other rows' kept predictions are of
+    notes += [f"{c.key}: not drawn (its network reads teacher embeddings, not images)" for c in shown
+              if not _reads_images(c.network)]
+    shown = [c for c in shown if _reads_images(c.network)]
     seen: set[tuple[str, str]] = set()
     shown = [c for c in shown if (c.method, c.network) not in seen and not seen.add((c.method, c.network))]
     per_image = [json.loads((cell_dir(m, c) / "metrics.json").read_text())["per_image"] for c in shown]
