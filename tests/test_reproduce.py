@@ -185,8 +185,12 @@ def test_grid_expands_and_filters():
     assert sorted(c.seed for c in full10) == [0, 1, 2]
     # and at BUSI 10% (with the supervised-only student), but not at BUSI 20%
     busi10 = [(c.method, c.seed) for c in m.cells if c.dataset == "busi" and c.labels == 0.1 and c.network == "mamba_unet"]
-    assert sorted(busi10) == [("semikd", 0), ("semikd", 1), ("semikd", 2),
-                              ("supervised", 0), ("supervised", 1), ("supervised", 2)]
+    assert sorted(busi10) == [(method, seed) for method in ("semikd", "semikd_plus", "semikd_sup", "supervised")
+                              for seed in (0, 1, 2)]
+    # issue 28: SemiKD+, its supervised student and the teacher's read-out on both datasets and fractions, 3 seeds
+    for method, network in (("semikd_plus", "mamba_unet"), ("semikd_sup", "mamba_unet"), ("teacher", "litemedsam")):
+        cells = {(c.dataset, c.labels, c.seed) for c in m.cells if c.method == method and c.network == network}
+        assert cells >= {(d, f, s) for d in ("kvasir-seg", "busi") for f in (0.1, 0.2) for s in (0, 1, 2)}, method
     assert [c.seed for c in m.cells if c.method == "semikd" and c.dataset == "busi" and c.labels == 0.2] == [0]
     kv = select(m.cells, ["dataset=kvasir-seg", "part=table", "labels=0.1,0.2"])
     assert kv and all(c.dataset == "kvasir-seg" and c.labels in (0.1, 0.2) and c.part == "table" for c in kv)
