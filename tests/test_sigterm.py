@@ -40,11 +40,12 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, data_dir, to):
     ckpt = Path(out.split("SIGTERM: checkpoint saved to ")[1].split()[0])
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < step < 100000
-    # resume from it and run 2 more steps
+    # resume from it and run 2 more steps: another budget, so continued on purpose (the resume guard refuses a
+    # changed trainer.max_steps otherwise)
     run = run_dir_of_ckpt(ckpt)
     lesion_kd("fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--trainer.max_steps",
               str(step + 2), "--test_after_fit", "false", "--trainer.default_root_dir", str(tmp_path / "resumed"),
-              env_extra={"LESION_KD_DATA": str(data_dir)})
+              env_extra={"LESION_KD_DATA": str(data_dir), "LESION_KD_RESUME_CHANGED_CONFIG": "1"})
     (last,) = (tmp_path / "resumed").rglob("last.ckpt")
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == step + 2
 
