@@ -218,16 +218,23 @@ class SemiKDModule(SegmentationModule):
         self.__dict__["_sample_extras"] = CachedEmbeddingExtras(fresh)  # a cache object without a built teacher pickles light
 
     def _teacher_embeddings(self, views: torch.Tensor, part: dict) -> torch.Tensor:
-        """(B, 256, 64, 64) float32 teacher embeddings aligned with ``views`` (B, 3, S, S)."""
+        """(B, 256, 64, 64) float32 teacher embeddings aligned with ``views`` (B, 3, S, S); computed once per batch
+        part and views (L_pckd and L_pl read the same weak views' embeddings in one step)."""
+        kept = part.get("_teacher_emb_view")
+        if kept is not None and kept[0] is views:
+            return kept[1]
         if "teacher_emb" in part:
             from ..teacher_cache import aligned
 
-            return aligned(part["teacher_emb"], part["theta"], (64, 64))
-        src = self.__dict__["_teacher_source"]
-        if src is None:
-            raise RuntimeError("no teacher embeddings: the teacher cache was not set up (call fit through the CLI)")
-        with torch.no_grad():
-            return src.view_embeddings(None, views.float(), part["theta"], (64, 64))
+            emb = aligned(part["teacher_emb"], part["theta"], (64, 64))
+        else:
+            src = self.__dict__["_teacher_source"]
+            if src is None:
+                raise RuntimeError("no teacher embeddings: the teacher cache was not set up (call fit through the CLI)")
+            with torch.no_grad():
+                emb = src.view_embeddings(None, views.float(), part["theta"], (64, 64))
+        part["_teacher_emb_view"] = (views, emb)
+        return emb
 
     def _pseudo_label_terms(self, lab: dict, unl: dict | None, logits: torch.Tensor, n_lab: int, ramp: float,
                             losses: dict) -> torch.Tensor:
