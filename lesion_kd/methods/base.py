@@ -1,9 +1,10 @@
 """``SegmentationModule``: the LightningModule base of every method.
 
 It owns the network (built by name from the registry), the optimiser and schedule, the supervised loss,
-and evaluation: per-image Dice/IoU/HD95/ASD on validation and test (gathered across DDP processes, not
-averaged per process), the ``val/dice`` that picks the best checkpoint, ``metrics.json`` after a test, and
-prediction masks/overlays. A method subclass only adds its own training objective in ``training_step``.
+and evaluation: per-image Dice/IoU/HD95/ASD and pooled HD95 (:mod:`lesion_kd.metrics`: ``hd95`` as MONAI,
+``hd95_pooled`` as MedPy) on validation and test (gathered across DDP processes, not averaged per process),
+the ``val/dice`` that picks the best checkpoint, ``metrics.json`` after a test, and prediction masks/overlays.
+A method subclass only adds its own training objective in ``training_step``.
 """
 
 from __future__ import annotations
@@ -235,7 +236,8 @@ class SegmentationModule(L.LightningModule):
             write_json(run_dir / "metrics_original_resolution.json", summarize(orig, resolution="original"))
         print(
             f"test ({summary['n_images']} images): Dice {summary['dice']['mean']:.4f} +- {summary['dice']['std']:.4f}  "
-            f"IoU {summary['iou']['mean']:.4f}  HD95 {summary['hd95']['mean']:.2f} px  ASD {summary['asd']['mean']:.2f} px"
+            f"IoU {summary['iou']['mean']:.4f}  HD95 {summary['hd95']['mean']:.2f} px (pooled, as MedPy: "
+            f"{summary['hd95_pooled']['mean']:.2f} px)  ASD {summary['asd']['mean']:.2f} px"
         )
         print(f"metrics written to {run_dir / 'metrics.json'}")
 
