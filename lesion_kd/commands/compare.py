@@ -6,7 +6,9 @@
 Each argument is a ``metrics.json`` written by ``lesion-kd test`` (or the folder holding it), with per-image
 results; several are seeds, each side averaged over its own seeds per image (one run against a three-seed
 reference: ``--runs A --against B0 B1 B2``). Prints the mean per-image Dice difference (points) and HD95
-difference (pixels) with 95% bootstrap intervals, the Wilcoxon signed-rank p-values and the share of images
+difference (pixels; MONAI's HD95, the larger of the two directions' 95th percentiles, and, where every result
+recorded it, the pooled HD95 of SSL4MIS-derived papers, MedPy's one 95th percentile of both directions) with
+95% bootstrap intervals, the Wilcoxon signed-rank p-values and the share of images
 won (:mod:`lesion_kd.reporting.paired`, the statistics of ``reproduce-table``'s ``paired.md``); ``--json
 FILE`` also writes them.
 """
@@ -64,7 +66,9 @@ def compare(runs: list[str | Path], against: list[str | Path]) -> dict:
         raise CompareError("a paired comparison needs at least 2 test images in common")
     keys = ("mean", "ci_low", "ci_high", "p")
     return {"seeds": row["seeds"], "reference_seeds": row["reference_seeds"], "images": row["images"], "wins": row["wins"],
-            "dice_points": {k: row[f"dice_{k}"] for k in keys}, "hd95_px": {k: row[f"hd95_{k}"] for k in keys}}
+            "dice_points": {k: row[f"dice_{k}"] for k in keys}, "hd95_px": {k: row[f"hd95_{k}"] for k in keys},
+            # None when a result lacks hd95_pooled (tested before it was recorded)
+            "hd95_pooled_px": {k: row[f"hd95_pooled_{k}"] for k in keys} if row["hd95_pooled_mean"] is not None else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
           f"higher on {out['wins'] * 100:.0f}% of the images")
     print(f"  HD95  {h['mean']:+.2f} px (negative: closer boundaries), 95% CI [{h['ci_low']:+.2f}, {h['ci_high']:+.2f}], "
           f"Wilcoxon {p_phrase(h['p'])}")
+    if (q := out["hd95_pooled_px"]) is not None:
+        print(f"  HD95 pooled (MedPy's, as SSL4MIS-derived papers)  {q['mean']:+.2f} px, 95% CI [{q['ci_low']:+.2f}, "
+              f"{q['ci_high']:+.2f}], Wilcoxon {p_phrase(q['p'])}")
+    else:
+        print("  HD95 pooled  - (not in every metrics.json: results tested before hd95_pooled was recorded)")
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(out, indent=1) + "\n").encode())
     return 0

@@ -9,8 +9,10 @@ over all of its finished seeds::
     mean d, its 95% bootstrap confidence interval (percentile, 10 000 resamples of the images, seeded),
     the Wilcoxon signed-rank p-value of the d_i (two-sided), and the share of images the method wins
 
-and the same for HD95 (lower is better: a negative difference is a gain). With the same seeds on both
-sides this is the per-image difference of same-seed runs averaged over the seeds; a single-seed method
+and the same for HD95 (lower is better: a negative difference is a gain), MONAI's directed max of the two
+directions' 95th percentiles, and, where every result on both sides recorded it, for the pooled HD95
+(``hd95_pooled``, MedPy's one 95th percentile of both directions, as SSL4MIS-derived papers). With the same
+seeds on both sides this is the per-image difference of same-seed runs averaged over the seeds; a single-seed method
 against a three-seed reference is measured against the reference's mean run, not against whichever of its
 seeds shares the method's number. Statistics from ``scipy.stats`` (``bootstrap``, ``wilcoxon``); only the
 pairing of per-image results is ours. The per-image values are those ``lesion-kd test`` wrote to each
@@ -79,16 +81,20 @@ def compare_runs(
 ) -> dict | None:
     """One paired comparison of ``runs`` with ``reference`` (seed -> image id -> metrics): how many seeds of each
     (``seeds``, ``reference_seeds``) and images were used, the share of images won on Dice (``wins``), and
-    ``dice_``/``hd95_`` ``mean``, ``ci_low``, ``ci_high``, ``p`` (Dice in points, HD95 in pixels); None when
-    fewer than 2 images are in common."""
+    ``dice_``/``hd95_``/``hd95_pooled_`` ``mean``, ``ci_low``, ``ci_high``, ``p`` (Dice in points, HD95s in
+    pixels; the ``hd95_pooled_`` ones None unless every image of every seed on both sides has ``hd95_pooled``,
+    which results tested before it was recorded lack); None when fewer than 2 images are in common."""
     dice, (seeds, ref_seeds) = paired_differences(runs, reference, "dice")
     if dice.size < 2:
         return None
     hd95, _ = paired_differences(runs, reference, "hd95")
     ds, hs = summarise(dice * 100), summarise(hd95)
+    keys = ("mean", "ci_low", "ci_high", "p")
+    recorded = all("hd95_pooled" in m for side in (runs, reference) for per in side.values() for m in per.values())
+    ps = summarise(paired_differences(runs, reference, "hd95_pooled")[0]) if recorded else dict.fromkeys(keys)
     return {"seeds": len(seeds), "reference_seeds": len(ref_seeds), "images": ds["n"], "wins": ds["positive"],
-            **{f"dice_{k}": ds[k] for k in ("mean", "ci_low", "ci_high", "p")},
-            **{f"hd95_{k}": hs[k] for k in ("mean", "ci_low", "ci_high", "p")}}
+            **{f"dice_{k}": ds[k] for k in keys}, **{f"hd95_{k}": hs[k] for k in keys},
+            **{f"hd95_pooled_{k}": ps[k] for k in keys}}
 
 
 def comparisons(
