@@ -41,9 +41,10 @@ reproduce-table: install
 	@test -n "$$LESION_KD_DATA" || { echo "set LESION_KD_DATA to the folder that holds Kvasir-SEG/ and BUSI/"; exit 1; }
 	$(VENV)/bin/lesion-kd reproduce-table --profile $(PROFILE) $(if $(OUT),--out $(OUT)) $(REPRODUCE_ARGS)
 
-# The README's results table (between its results markers) from experiments/results/$(PROFILE)/.
+# The generated results blocks (between their markers) from experiments/results/$(PROFILE)/: README.md's
+# headline table, docs/results.md's full results table and paired summary (lesion_kd/reporting/readme.py).
 readme-results: install
-	$(PY) -m lesion_kd.reporting.readme --profile $(PROFILE) --readme README.md
+	$(PY) -m lesion_kd.reporting.readme --profile $(PROFILE) --readme README.md docs/results.md
 
 lint: install
 	$(VENV)/bin/ruff check lesion_kd tests benchmarks

@@ -1,14 +1,20 @@
-"""The README's results table, generated from a manifest's finished cells (``make readme-results``).
+"""The generated results blocks of the README and of docs/results.md (``make readme-results``).
 
-Each row is one (dataset, labels, method, network) of the manifest with at least one finished seed: the test
-metrics (mean ± std over seeds), the wall-clock time of one run (``timing.json``, mean over seeds) and the
-``lesion-kd fit`` command that reproduces it. The rows replace whatever stands between the two markers
-``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README, so the README never drifts from
-``experiments/results/<profile>/``. A second block, between ``<!-- paired:begin -->`` and
-``<!-- paired:end -->`` where the README has it, sets each method's Dice at every label fraction beside its
-paired difference from supervised-only (``paired.md``, one column pair per fraction):
+Each block stands between a pair of markers and is rewritten from a manifest's finished cells
+(``experiments/results/<profile>/``), so the documents never drift from the results:
 
-    python -m lesion_kd.reporting.readme --profile cpu --readme README.md
+- ``<!-- headline:begin -->`` ... ``<!-- headline:end -->`` (the README): one row per method and network of
+  the manifest's table part, one column per dataset and label fraction, test Dice (and HD95).
+- ``<!-- results:begin -->`` ... ``<!-- results:end -->`` (docs/results.md): one row per (dataset, labels,
+  method, network) with at least one finished seed: the test metrics (mean ± std over seeds), the wall-clock
+  time of one run (``timing.json``, mean over seeds) and the ``lesion-kd fit`` command that reproduces it.
+- ``<!-- paired:begin -->`` ... ``<!-- paired:end -->`` (docs/results.md): each method's Dice at every label
+  fraction beside its paired difference from supervised-only (``paired.md``, one column pair per fraction).
+
+A file may hold any of the blocks (each pair once); a file given with none of them is an error. ``--check``
+writes nothing and exits 1 when a block is stale:
+
+    python -m lesion_kd.reporting.readme --profile cpu --readme README.md docs/results.md [--check]
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ from .tables import fmt_mean_std as _fmt
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PAIRED_BEGIN, PAIRED_END = "<!-- paired:begin -->", "<!-- paired:end -->"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- headline:begin -->", "<!-- headline:end -->"
+# the files `make readme-results` rewrites (relative to the repository root)
+DEFAULT_FILES = ("README.md", "docs/results.md")
 
 PAPERS_METHOD = "semikd"  # set in bold in the README's tables
 
@@ -56,7 +65,7 @@ def method_label(method: str, bold: bool = False) -> str:
 
 
 NETWORK_NAMES = {"mamba_unet": ("Mamba student", "student (mamba_unet)"), "unet": ("U-Net", "U-Net (SSL4MIS)"),
-                 "sam_lora": ("LiteMedSAM + LoRA", None)}
+                 "sam_lora": ("LiteMedSAM + LoRA", None), "litemedsam": ("LiteMedSAM (frozen)", None)}
 
 
 class ReadmeError(ValueError):
@@ -157,6 +166,51 @@ def results_table(m: Manifest) -> str:
     return "\n".join(lines + [x for n in notes for x in ("", n)]) + "\n"
 
 
+HEADLINE_NOTE = ("Test Dice % (HD95 px in brackets), {profile} profile, mean ± std over seeds where there are several; "
+                 "the paper's method in bold. Every row with its IoU, ASD, seeds, wall time and `lesion-kd fit` "
+                 "command, and each method against supervised-only image by image: `docs/results.md`.")
+HEADLINE_MARKS = {"†": "† trained with a loss form since replaced as the default (`docs/results.md`).",
+                  "‡": "‡ trained on a lent GPU from a carried copy of the data (`docs/results.md`)."}
+
+
+def headline_table(m: Manifest) -> str:
+    """The README's one results table: a row per (method, network) of the manifest's table part with a finished
+    cell, a column per (dataset, label fraction) with one, each cell the test Dice (mean ± std over its seeds)
+    and the mean HD95; rows and columns in the manifest's order. Rows marked † / ‡ as in :func:`results_table`."""
+    cells = [c for c in m.cells if c.part == "table"]
+    keys = cell_keys(cells)
+    rows_by_seed = collect(m.results, keep=keys)
+    finished = {(r["dataset"], r["labels"], r["method"], r["network"], r["seed"]) for r in rows_by_seed}
+    agg = {(r["dataset"], r["labels"], r["method"], r["network"]): r for r in aggregate(rows_by_seed)}
+    if not agg:
+        return "No finished cell yet.\n"
+    datasets = list(dict.fromkeys(c.dataset for c in cells))
+    columns = sorted({k[:2] for k in agg}, key=lambda k: (datasets.index(k[0]), k[1]))
+    rows = [k for k in dict.fromkeys((c.method, c.network) for c in cells) if any((*col, *k) in agg for col in columns)]
+    eff = m.results / "efficiency.json"
+    efficiency = json.loads(eff.read_text()) if eff.is_file() else {}
+    lines = ["| method | network (parameters) | " + " | ".join(f"{d} {f * 100:.0f}%" for d, f in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    used: set[str] = set()
+    for method, network in rows:
+        parts, marks = [], ""
+        for col in columns:
+            r = agg.get((*col, method, network))
+            hd95 = f" ({r['hd95_mean']:.1f})" if r and r.get("hd95_mean") is not None else ""
+            parts.append(_fmt(r, "dice", 100) + hd95 if r else "")
+            done = [c for c in cells if (c.dataset, c.labels, c.method, c.network) == (*col, method, network)
+                    and (c.dataset, c.labels, c.method, c.network, c.seed) in finished]
+            if any(superseded_losses(cell_dir(m, c)) for c in done) and "†" not in marks:
+                marks += "†"
+            if any((cell_dir(m, c) / CARRIED_DATA).is_file() for c in done) and "‡" not in marks:
+                marks += "‡"
+        used |= set(marks)
+        lines.append(f"| {method_label(method, bold=True)}{marks} | {_network(network, efficiency)} | "
+                     + " | ".join(parts) + " |")
+    notes = [HEADLINE_NOTE.format(profile=m.profile)] + [note for mark, note in HEADLINE_MARKS.items() if mark in used]
+    return "\n".join(lines + ["", " ".join(notes)]) + "\n"
+
+
 def paired_summary(m: Manifest, rows: list[dict] | None = None) -> str:
     """Per dataset, each Table-1 method's test Dice at every label fraction beside its paired difference from the
     manifest's first paired reference (supervised-only) of the same network, each side over all its seeds: mean
@@ -199,44 +253,88 @@ def paired_summary(m: Manifest, rows: list[dict] | None = None) -> str:
     return "\n".join(out) if out else "No pair of finished cells to compare yet.\n"
 
 
+def spliced(text: str, block: str, begin: str, end: str, name: str = "README") -> str:
+    """``text`` with what stands between the markers ``begin`` and ``end`` replaced by ``block``. Each marker
+    must occur exactly once, ``begin`` first (a ReadmeError naming ``name`` otherwise)."""
+    nb, ne = text.count(begin), text.count(end)
+    b, e = text.find(begin), text.find(end)
+    if nb == 0 or ne == 0 or e < b:
+        raise ReadmeError(f"{name}: needs the markers {begin} and {end} (in this order) around the generated table")
+    if nb > 1 or ne > 1:
+        raise ReadmeError(f"{name}: the markers {begin} and {end} must occur once each (found {nb} and {ne})")
+    return text[: b + len(begin)] + "\n" + block + text[e:]
+
+
 def splice(readme: Path, table: str, begin: str = BEGIN, end: str = END) -> bool:
     """Replace the text between the markers ``begin`` and ``end`` of ``readme`` with ``table``; True when the
     file changed."""
     text = readme.read_text()
-    b, e = text.find(begin), text.find(end)
-    if b < 0 or e < 0 or e < b:
-        raise ReadmeError(f"{readme}: needs the markers {begin} and {end} (in this order) around the generated table")
-    new = text[: b + len(begin)] + "\n" + table + text[e:]
+    new = spliced(text, table, begin, end, str(readme))
     if new == text:
         return False
     atomic_write_bytes(readme, new.encode())
     return True
 
 
+# name -> (begin marker, end marker, generator): the blocks a document may hold
+BLOCKS = {"headline": (HEADLINE_BEGIN, HEADLINE_END, headline_table),
+          "results": (BEGIN, END, results_table),
+          "paired": (PAIRED_BEGIN, PAIRED_END, paired_summary)}
+
+
+def regenerate(path: Path, m: Manifest, generated: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """``path``'s text with every block it holds markers for regenerated (each block made once per
+    ``generated`` cache), and the names of the blocks that were stale. Writes nothing. A file with no block's
+    markers, or with a marker missing, repeated or out of order, is a ReadmeError naming it."""
+    generated = {} if generated is None else generated
+    if not path.is_file():
+        raise ReadmeError(f"{path}: no such file")
+    text = path.read_text()
+    present = [name for name, (begin, _, _) in BLOCKS.items() if begin in text]
+    if not present:
+        raise ReadmeError(f"{path}: needs the markers of at least one generated block ("
+                          + ", ".join(f"{b} ... {e}" for b, e, _ in BLOCKS.values()) + ")")
+    stale = []
+    for name in present:
+        begin, end, make = BLOCKS[name]
+        if name not in generated:
+            generated[name] = make(m)
+        new = spliced(text, generated[name], begin, end, str(path))
+        if new != text:
+            stale.append(name)
+        text = new
+    return text, stale
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lesion_kd.reporting.readme", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="cpu", help="manifest name (experiments/reproduce/NAME.yaml) or path")
-    ap.add_argument("--readme", type=Path, default=None, help="README to update in place (default: print the table)")
+    ap.add_argument("--readme", type=Path, nargs="+", default=None, metavar="FILE",
+                    help="Markdown files to update in place, each in its marked blocks (make readme-results: "
+                         f"{' '.join(DEFAULT_FILES)}); default: print the blocks")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when a block is stale")
     args = ap.parse_args(argv)
     try:
         m = load_manifest(manifest_path(args.profile))
-        table = results_table(m)
-    except ManifestError as e:
+        if args.readme is None:
+            sys.stdout.write("\n".join(make(m) for _, _, make in BLOCKS.values()))
+            return 0
+        generated: dict[str, str] = {}
+        # every file is checked and regenerated before any is written: an error leaves all of them as they were
+        results = [(path, *regenerate(path, m, generated)) for path in args.readme]
+    except (ManifestError, ReadmeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.readme is None:
-        sys.stdout.write(table + "\n" + paired_summary(m))
-        return 0
-    try:
-        changed = splice(args.readme, table)
-        print(f"{args.readme}: results table {'updated' if changed else 'already current'} "
-              f"({table.count(chr(10)) - 2} rows)")
-        if PAIRED_BEGIN in args.readme.read_text():  # the side-by-side block is optional
-            changed = splice(args.readme, paired_summary(m), PAIRED_BEGIN, PAIRED_END)
-            print(f"{args.readme}: paired summary {'updated' if changed else 'already current'}")
-    except ReadmeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for path, text, stale in results:
+        if stale and not args.check:
+            atomic_write_bytes(path, text.encode())
+        for name in (n for n, (b, _, _) in BLOCKS.items() if b in text):
+            state = ("stale" if args.check else "updated") if name in stale else "already current"
+            print(f"{path}: {name} block {state}")
+    stale_files = [str(path) for path, _, stale in results if stale]
+    if args.check and stale_files:
+        print(f"error: stale generated blocks in {', '.join(stale_files)} (run make readme-results)", file=sys.stderr)
+        return 1
     return 0
 
 
