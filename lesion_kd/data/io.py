@@ -5,7 +5,8 @@
   DICOM (``.dcm``) and NIfTI (``.nii``, ``.nii.gz``) through MONAI's readers (rows = image y, as in
   SimpleITK and MedSAM's preprocessing).
 - ``read_mask``: (H, W) uint8 in {0, 1}. Accepts 0/1 and 0/255 masks (any two levels whose lower one is 0);
-  anything else (grey levels, more than two values) is a :class:`DataError`.
+  anything else (grey levels, more than two values) is a :class:`DataError`, unless a threshold is given
+  (``data.mask_threshold``): then any mask is binarised, lesion where its value is ``>= threshold``.
 """
 
 from __future__ import annotations
@@ -116,14 +117,28 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_uint8_rgb(_open_array(path), str(path))
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """(H, W) uint8 {0, 1} mask from a 0/1 or 0/255 (or 0/K) single-level mask file."""
+def read_mask(path: str | os.PathLike, threshold: float | None = None) -> np.ndarray:
+    """(H, W) uint8 {0, 1} mask.
+
+    Without ``threshold``: from a 0/1 or 0/255 (or 0/K) two-level mask file; grey levels (JPEG noise) are a
+    :class:`DataError` naming the file. With ``threshold`` (``data.mask_threshold``): lesion where the value is
+    ``>= threshold`` (on the file's own scale: 0-255 for 8-bit files, 0-65535 for 16-bit ones); a colour mask
+    is reduced to its luma first (0.299 R + 0.587 G + 0.114 B, as Pillow's ``convert("L")``), so slightly
+    differing channels of a colour JPEG are no error.
+    """
     arr = _open_array(path)
+    if threshold is not None:
+        if arr.ndim == 3:
+            arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114]) if arr.shape[2] >= 3 else arr[..., 0]
+        if arr.ndim != 2:
+            raise DataError(f"{path}: unsupported mask shape {arr.shape}")
+        return (arr >= threshold).astype(np.uint8)
     if arr.ndim == 3:
         if arr.shape[2] == 4:
             arr = arr[..., :3]
         if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[2])):
-            raise DataError(f"{path}: mask has differing colour channels; expected a single-channel 0/1 or 0/255 mask")
+            raise DataError(f"{path}: mask has differing colour channels; expected a single-channel 0/1 or 0/255 mask "
+                            "(or set data.mask_threshold T to binarise it at >= T)")
         arr = arr[..., 0]
     if arr.ndim != 2:
         raise DataError(f"{path}: unsupported mask shape {arr.shape}")
@@ -132,7 +147,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
         raise DataError(
             f"{path}: mask has values {{{shown}}}; expected two levels (0/1 or 0/255). "
-            "Threshold grey-level or JPEG-compressed masks before use."
+            "For grey-level or JPEG-compressed masks set data.mask_threshold T (lesion where the value is >= T, "
+            "e.g. 128 for 0-255 masks)."
         )
     return (arr > 0).astype(np.uint8)
 

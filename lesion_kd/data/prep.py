@@ -2,7 +2,7 @@
 
 Kvasir-SEG's JPEGs are up to 1920x1072: decoding them at every step would cost more than a small
 network's training step on two CPU cores. So at set-up each used sample is read, checked (readable,
-mask present, same size, two levels) and squashed to ``size x size`` (the *canonical image*, the frame of
+mask present, same size, two levels, or binarised at ``data.mask_threshold``) and squashed to ``size x size`` (the *canonical image*, the frame of
 reference of all view geometry), then stored as an ``.npz`` under the cache directory, keyed by the source
 files' size and modification time. Later runs only read the small files. Nothing is written into the
 dataset folder.
@@ -44,7 +44,9 @@ def _stamp(path: Path | None) -> str:
 
 
 def entry_path(root: Path, sample: Sample, size: int) -> Path:
-    key = hashlib.sha1(f"{_stamp(sample.image)}|{_stamp(sample.mask)}|{size}|v1".encode()).hexdigest()[:20]
+    # a thresholded mask (data.mask_threshold) is another mask: its own entry (none: the keys of before)
+    thr = "" if sample.mask is None or sample.mask_threshold is None else f"|t{float(sample.mask_threshold)!r}"
+    key = hashlib.sha1(f"{_stamp(sample.image)}|{_stamp(sample.mask)}|{size}|v1{thr}".encode()).hexdigest()[:20]
     return root / "prep" / f"{size}" / key[:2] / f"{key}.npz"
 
 
@@ -65,7 +67,7 @@ def load_and_check(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
     img = read_image(sample.image)
     mask = None
     if sample.mask is not None:
-        mask = read_mask(sample.mask)
+        mask = read_mask(sample.mask, sample.mask_threshold)
         if mask.shape != img.shape[:2]:
             raise DataError(
                 f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
