@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .callbacks import LesionCheckpoint
 from .data import LesionDataModule
+from .data.datamodule import DEFAULT_DATASET
 from .io_utils import atomic_copy
 from .methods import SegmentationModule
 from .results_name import CellName
@@ -100,7 +101,7 @@ class LesionCLI(LightningCLI):
             if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ and "WANDB_SWEEP_ID" not in os.environ:
                 os.environ["WANDB_MODE"] = "offline"
             dm = self.datamodule.hparams
-            dataset = Path(str(dm.dataset)).name.removesuffix(".csv")  # a user folder or listing: its name only
+            dataset = self.datamodule.dataset_label  # a user folder or listing: its name only
             cell = CellName.of(self.model.results_name, self.model.hparams.network, dm.labeled_fraction,
                                sub.get("seed_everything"))
             name = f"{dataset}-{cell}"
@@ -220,7 +221,9 @@ def run_options(config: dict) -> dict:
         return out
 
     out = {"seed_everything": config.get("seed_everything")}
-    data = config.get("data") or {}
+    data = dict(config.get("data") or {})
+    if "dataset" in data and data["dataset"] is None and not data.get("root"):
+        data["dataset"] = DEFAULT_DATASET  # unset means this (a run from before data.dataset could be unset resumes)
     out.update(flat({k: v for k, v in data.items() if k not in DATA_NEUTRAL}, "data"))
     trainer = config.get("trainer") or {}
     out.update({f"trainer.{k}": trainer.get(k) for k in TRAINER_RUN})

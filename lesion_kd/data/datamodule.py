@@ -2,30 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import random
 import signal
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from ..io_utils import atomic_copy
 from ..wiring import wire
 from .datasets import EvalDataset, ImageFolderDataset, ViewPairDataset
 from .folder import Sample, scan_folder
 from .io import DataError, atomic_write_bytes, read_image, split_image_name
 from .listing import read_listing, split_listing
-from .prep import prepare_samples
+from .prep import cache_root, prepare_samples
 from .registry import DATASETS, data_dir, random_split, split_file_name
 from .sampling import StreamSampler
 from .splits import SPLITS_DIR, load_or_write_splits
 from .transforms import AugmentationConfig, ViewPairTransform
 
 log = logging.getLogger(__name__)
+
+#: what ``data.dataset`` means when neither it nor ``data.root`` is given
+DEFAULT_DATASET = "kvasir-seg"
 
 
 class LesionDataModule(L.LightningDataModule):
@@ -37,15 +44,23 @@ class LesionDataModule(L.LightningDataModule):
     ``mask``, ``index``, ``id`` at model size, un-augmented.
 
     Args:
-        dataset: a registry name (``kvasir-seg``, ``busi``), resolved under ``data_dir``, or a path to a
-            folder with ``images/`` and ``masks/``.
-        root: explicit folder of the dataset; overrides where a registry name is looked up, or names a
-            user folder (then ``dataset`` is only its label).
+        dataset: a known dataset's name (``kvasir-seg``, ``busi``, ``isic2018``, ``cvc-clinicdb``, ``ph2``),
+            found under ``data_dir``, or a path to a folder of your own data (``images/`` and ``masks/``) or to
+            a ``.csv`` listing. Unset (null): ``kvasir-seg``, unless ``root`` is given; then ``root`` is your
+            own data.
+        root: a folder of data. With ``dataset`` unset: your own data, i.e. a folder that itself holds
+            ``images/`` and ``masks/`` (or a ``.csv`` listing), trained with a seeded split (``split_seed``,
+            ``split_fractions``); a folder without ``images/`` is an error (to read a known dataset from the
+            folder that holds it, set ``data_dir`` and ``dataset``). With a known ``dataset``: your copy of that
+            dataset (the folder itself, e.g. ``.../Kvasir-SEG``), read with that dataset's split (the one committed
+            in ``experiments/splits/`` where there is one). With any other ``dataset``: your own data, ``dataset``
+            being only its label.
         data_dir: folder holding the known datasets (default: ``$LESION_KD_DATA``, else ``./data``).
         image_size: model input size S (images are squashed to S x S); a multiple of 32.
         labeled_fraction: fraction of the training split that keeps its labels, in (0, 1].
         label_seed: seed choosing which training images are labeled.
-        split_seed: seed of the train/val/test split of a user folder (registry datasets have fixed splits).
+        split_seed: seed of the train/val/test split of a user folder (known datasets have fixed splits: the one
+            committed in ``experiments/splits/``, else their seed-0 rule, kept in ``cache_dir`` and beside the run).
         split_fractions: train/val/test fractions for a user folder.
         include_normal: BUSI only: also use the 133 normal (empty-mask) images.
         labeled_batch_size: labeled samples per training batch.
@@ -61,6 +76,11 @@ class LesionDataModule(L.LightningDataModule):
             without a mask (a mask without an image is ignored). Never skipped: a missing, empty or ambiguous
             folder (two files with one id), a CSV listing's rows, and files a known dataset's committed split
             names (its split would change).
+        mask_threshold: binarise every mask at this value: lesion where the mask's value is ``>= mask_threshold``
+            (on the file's own scale, e.g. 128 for 0-255 masks; a colour mask is reduced to its luma first). For
+            JPEG or other lossy masks (CVC-ClinicDB's, Kvasir-SEG's originals), whose compression noise adds grey
+            levels. Unset (null): a mask must have two levels already (0/1 or 0/255), anything else stops the run
+            naming the file. Recorded in ``split.json``.
         cache_dir: where prepared images (and teacher embeddings) are cached (default ``$LESION_KD_CACHE`` or
             ``~/.cache/lesion_kd``); never inside the dataset folder.
         predict_input: what ``predict`` segments: ``test``/``val``/``train`` (a split of the dataset) or a path to
@@ -68,12 +88,14 @@ class LesionDataModule(L.LightningDataModule):
         eval_original_resolution: also compute test metrics at each image's original resolution, the
             prediction up-sampled to the original mask (written to ``metrics_original_resolution.json``).
         augmentation: strength of the weak and strong views.
-        run_dir: where a user folder's split file is written (default: the trainer's log directory).
+        run_dir: where ``split.json`` (the ids this run uses) and, for a known dataset without a committed split,
+            its split file ``<name>_v1.json`` are written (default: the trainer's log directory). Nothing is
+            written into ``experiments/splits/`` or into the dataset folder.
     """
 
     def __init__(
         self,
-        dataset: str = "kvasir-seg",
+        dataset: str | None = None,
         root: str | None = None,
         data_dir: str | None = None,
         image_size: int = 256,
@@ -90,6 +112,7 @@ class LesionDataModule(L.LightningDataModule):
         max_val_images: int | None = None,
         max_test_images: int | None = None,
         on_bad_sample: str = "error",
+        mask_threshold: float | None = None,
         cache_dir: str | None = None,
         predict_input: str = "test",
         eval_original_resolution: bool = False,
@@ -103,6 +126,9 @@ class LesionDataModule(L.LightningDataModule):
             raise ValueError(f"data.labeled_fraction={labeled_fraction}: must be in (0, 1]")
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"data.on_bad_sample={on_bad_sample!r}: must be 'error' or 'skip'")
+        if mask_threshold is not None and not (math.isfinite(mask_threshold) and mask_threshold > 0):
+            raise ValueError(f"data.mask_threshold={mask_threshold}: must be a positive number (lesion where the "
+                             "mask's value is >= it), or null to require two-level masks")
         for name, v in (("labeled_batch_size", labeled_batch_size), ("eval_batch_size", eval_batch_size)):
             if v < 1:
                 raise ValueError(f"data.{name}={v}: must be at least 1")
@@ -114,7 +140,8 @@ class LesionDataModule(L.LightningDataModule):
         self.labeled: list[Sample] = []
         self.unlabeled: list[Sample] = []
         self.bad_samples: list[str] = []
-        self.dataset_name = dataset
+        self.dataset_name = self.dataset_label
+        self._split_file: tuple[str, Path] | None = None  # (name, cached file) of a known dataset's uncommitted split
         # what the method being trained tells this module (lesion_kd.wiring.wire -> attach): the module, whether it
         # takes the unlabeled stream, and a provider of per-sample extras (e.g. cached teacher embeddings)
         self._wired_to = None
@@ -124,26 +151,76 @@ class LesionDataModule(L.LightningDataModule):
         self._ready = False
 
     # ----------------------------------------------------------------------------------------- set-up
+    @property
+    def dataset_label(self) -> str:
+        """The dataset's name as the options give it, before set-up (run names): a known dataset's name, else
+        the name of the folder or listing (without ``.csv``)."""
+        hp = self.hparams
+        if hp.dataset is None and not hp.root:
+            return DEFAULT_DATASET
+        return Path(str(hp.dataset if hp.dataset is not None else hp.root)).name.removesuffix(".csv")
+
     def resolve(self) -> tuple[str, Path, list[Sample], dict[str, list[str]], str]:
         """(name, folder, samples, split ids, where the split came from) without touching any pixels."""
         hp = self.hparams
-        name = hp.dataset
+        self._split_file = None
+        name = hp.dataset if hp.dataset is not None or hp.root else DEFAULT_DATASET
         if name in DATASETS:
-            spec = DATASETS[name]
-            root = Path(hp.root) if hp.root else data_dir(hp.data_dir) / spec.folder
-            if hp.root and not root.is_dir():
-                raise DataError(f"data.root={hp.root}: no such folder (where dataset {name!r} was to be read)")
-            if not root.is_dir():
-                raise DataError(
-                    f"{root}: dataset {name!r} not found; set data.data_dir or ${'LESION_KD_DATA'} to the folder "
-                    f"that holds {spec.folder}/, or data.root to the dataset folder itself"
-                )
-            samples = spec.samples(root, hp.include_normal)
-            split_path = SPLITS_DIR / split_file_name(name, hp.include_normal)
-            splits = load_or_write_splits(
-                split_path, lambda: spec.splits(root, samples, hp.include_normal), {s.id for s in samples}, str(root)
+            name, root, samples, splits, source = self._resolve_known(name)
+        else:
+            name, root, samples, splits, source = self._resolve_own(name)
+        if hp.mask_threshold is not None:
+            samples = [replace(s, mask_threshold=float(hp.mask_threshold)) for s in samples]
+        return name, root, samples, splits, source
+
+    def _resolve_known(self, name: str):
+        """A known dataset, at ``data_dir/<folder>`` or at ``root`` (a copy): its committed split, else its split
+        rule's split kept in the cache (and copied beside the run), never written into the repository."""
+        hp = self.hparams
+        spec = DATASETS[name]
+        root = Path(hp.root).expanduser() if hp.root else data_dir(hp.data_dir) / spec.folder
+        if hp.root and not root.is_dir():
+            raise DataError(f"data.root={hp.root}: no such folder (where dataset {name!r} was to be read)")
+        if not root.is_dir():
+            raise DataError(
+                f"{root}: dataset {name!r} not found; set data.data_dir or ${'LESION_KD_DATA'} to the folder "
+                f"that holds {spec.folder}/, or data.root to the dataset folder itself"
             )
-            return name, root, samples, splits, str(split_path)
+        samples = spec.samples(root, hp.include_normal)
+        file_name = split_file_name(name, hp.include_normal)
+        committed = SPLITS_DIR / file_name
+
+        def make():
+            return spec.splits(root, samples, hp.include_normal)
+
+        known = {s.id for s in samples}
+        if committed.is_file():
+            try:
+                splits = load_or_write_splits(committed, make, known, str(root))
+            except DataError as e:
+                if not hp.root:
+                    raise
+                raise DataError(
+                    f"{e}. data.root={hp.root} is read as a copy of the known dataset {name!r} (data.dataset), with "
+                    f"its committed split; to train on a folder of your own data with a seeded split, leave "
+                    f"data.dataset unset (null)"
+                ) from e
+            return name, root, samples, splits, str(committed)
+        # no committed split: the split rule's, kept per dataset folder in the cache (the next run reads it back
+        # and checks it), and copied beside the run by _write_split_record
+        where = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+        cached = cache_root(hp.cache_dir) / "splits" / f"{Path(file_name).stem}-{where}.json"
+        try:
+            splits = load_or_write_splits(cached, make, known, str(root))
+        except DataError as e:
+            raise DataError(f"{e}. No split of {name!r} is committed in {SPLITS_DIR}; this one was drawn on an "
+                            f"earlier run and kept in the cache: delete {cached} to draw it again") from e
+        self._split_file = (file_name, cached)
+        return name, root, samples, splits, f"{cached} ({name}'s split rule; not committed in {SPLITS_DIR})"
+
+    def _resolve_own(self, name: str | None):
+        """Your own data: a folder with ``images/`` and ``masks/``, or a ``.csv`` listing, with a seeded split."""
+        hp = self.hparams
         root = Path(hp.root or name).expanduser()
         if root.name.lower().endswith(".csv"):  # a CSV listing of image/mask paths (lesion_kd.data.listing)
             samples, splits = read_listing(root)
@@ -157,6 +234,14 @@ class LesionDataModule(L.LightningDataModule):
                 raise DataError(f"data.root={hp.root}: no such folder")
             known = ", ".join(sorted(DATASETS))
             raise DataError(f"data.dataset={name!r}: neither a known dataset ({known}) nor an existing folder")
+        if hp.dataset is None and not (root / "images").is_dir():
+            held = [n for n, spec in sorted(DATASETS.items()) if (root / spec.folder).is_dir()]
+            hint = (f"; it holds the known dataset folder(s) {', '.join(DATASETS[n].folder + '/' for n in held)}: to "
+                    f"train on one, use --data.data_dir {hp.root} --data.dataset {held[0]}") if held else ""
+            raise DataError(
+                f"data.root={hp.root}: no images/ folder. With data.dataset unset, data.root is a folder of your own "
+                f"data that itself holds images/ and masks/ (or a .csv listing){hint}"
+            )
         samples = scan_folder(root, skipped=self._scan_skipped if hp.on_bad_sample == "skip" else None)
         splits = random_split(samples, tuple(hp.split_fractions), hp.split_seed)
         return root.name, root, samples, splits, f"seeded split of {root} (seed {hp.split_seed})"
@@ -165,6 +250,34 @@ class LesionDataModule(L.LightningDataModule):
         self._wire_trainer_module()
         if self._ready:
             return
+        try:
+            self._setup()
+        except BaseException:
+            self._remove_empty_run_dir()
+            raise
+
+    def _remove_empty_run_dir(self) -> None:
+        """A set-up that fails (bad data, a bad option) leaves no empty run folder behind: the loggers make their
+        ``version_<n>`` folder before the data module's set-up; removed here while it is still empty."""
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            try:
+                log_dir = getattr(logger, "log_dir", None)  # CSV/TensorBoard: the version folder (no collective)
+            except Exception:  # noqa: BLE001 - a logger without a folder: nothing to remove
+                continue
+            if not log_dir:
+                continue
+            folder = Path(log_dir)
+            for d in (folder, folder.parent if folder.parent.name == getattr(logger, "name", None) else None):
+                try:
+                    if d is not None and d.is_dir() and not any(d.iterdir()):
+                        d.rmdir()
+                except OSError:
+                    pass
+
+    def _setup(self) -> None:
         hp = self.hparams
         self._scan_skipped = []
         name, root, samples, split_ids, source = self.resolve()
@@ -206,8 +319,12 @@ class LesionDataModule(L.LightningDataModule):
             run_dir = self.trainer.log_dir
         if run_dir is None or (self.trainer is not None and not self.trainer.is_global_zero):
             return
+        if self._split_file is not None:  # a known dataset's uncommitted split: beside the run as well
+            split_name, cached = self._split_file
+            atomic_copy(cached, Path(run_dir) / split_name)
         doc = {
             "dataset": name, "root": str(self.root), "source": source,
+            "mask_threshold": self.hparams.mask_threshold,
             "labeled_fraction": self.hparams.labeled_fraction, "label_seed": self.hparams.label_seed,
             "labeled": [s.id for s in self.labeled], "unlabeled": [s.id for s in self.unlabeled],
             "val": [s.id for s in self.splits["val"]], "test": [s.id for s in self.splits["test"]],
