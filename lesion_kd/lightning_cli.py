@@ -179,7 +179,10 @@ class LesionCLI(LightningCLI):
                            self._sub().get("seed_everything"))
         dest = Path(root) / dm.dataset_name / cell.folder
         dest.mkdir(parents=True, exist_ok=True)
-        # metrics.json last: its presence marks a finished cell (reproduce-table)
+        # the kept predicted masks of the report's grid (predictions/<id>.png), then metrics.json last: its
+        # presence marks a finished cell (reproduce-table)
+        for png in sorted((run_dir / "predictions").glob("*.png")):
+            atomic_copy(png, dest / "predictions" / png.name)
         for name in ("config.yaml", "metrics_original_resolution.json", "metrics.csv", "metrics.json"):
             if (run_dir / name).is_file():
                 atomic_copy(run_dir / name, dest / name)

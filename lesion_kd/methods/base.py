@@ -3,7 +3,8 @@
 It owns the network (built by name from the registry), the optimiser and schedule, the supervised loss,
 and evaluation: per-image Dice/IoU/HD95/ASD and pooled HD95 (:mod:`lesion_kd.metrics`: ``hd95`` as MONAI,
 ``hd95_pooled`` as MedPy) on validation and test (gathered across DDP processes, not averaged per process),
-the ``val/dice`` that picks the best checkpoint, ``metrics.json`` after a test, and prediction masks/overlays.
+the ``val/dice`` that picks the best checkpoint, ``metrics.json`` after a test (and, beside it, the predicted
+masks of a few test images, ``predictions/<id>.png``, for the report's grid), and prediction masks/overlays.
 A method subclass only adds its own training objective in ``training_step``.
 """
 
@@ -24,7 +25,7 @@ from monai.losses import DiceCELoss
 from ..data.io import atomic_write_bytes, read_mask, write_png
 from ..metrics import METRICS, image_metrics, summarize
 from ..models import build_model
-from ..viz import overlay  # one overlay for predict and segment
+from ..viz import kept_prediction_ids, mask_png, overlay, prediction_filename
 
 
 class SegmentationModule(L.LightningModule):
@@ -74,6 +75,9 @@ class SegmentationModule(L.LightningModule):
         self.sup_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
         self._eval: dict[str, dict[str, float]] = {}
         self._eval_orig: dict[str, dict[str, float]] = {}
+        # the test images whose predicted masks a finished run keeps (predictions/<id>.png, for the report's grid)
+        self._kept_ids: frozenset[str] = frozenset()
+        self._kept: dict[str, np.ndarray] = {}
         # where predict writes masks and overlays; set by the CLI's --predict_output (not a hyperparameter:
         # LightningCLI would restore the training run's value from the checkpoint)
         self.predict_output: str | None = None
@@ -188,6 +192,8 @@ class SegmentationModule(L.LightningModule):
         target = batch["mask"].cpu().numpy()
         for i, sid in enumerate(batch["id"]):
             self._eval[sid] = image_metrics(pred[i], target[i])
+            if split == "test" and sid in self._kept_ids:
+                self._kept[sid] = pred[i] > 0
         dm = self.wired_data
         if split == "test" and getattr(getattr(dm, "hparams", None), "eval_original_resolution", False):
             for i, idx in enumerate(batch["index"].tolist()):
@@ -198,6 +204,11 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        # the same few images in every cell of a dataset: chosen from the test split's ids alone (lesion_kd.viz)
+        test = (getattr(self.wired_data, "splits", None) or {}).get("test") or []
+        self._kept_ids, self._kept = frozenset(kept_prediction_ids([s.id for s in test])), {}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
@@ -228,9 +239,12 @@ class SegmentationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         summary = self._finish_eval("test")
         orig, self._eval_orig = self._gather(self._eval_orig), {}
+        kept, self._kept = self._gather(self._kept), {}
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank asks
         if summary is None or not self.trainer.is_global_zero:
             return
+        for sid, mask in kept.items():  # 1-bit PNGs at the evaluation size, before metrics.json
+            atomic_write_bytes(run_dir / "predictions" / prediction_filename(sid), mask_png(mask))
         write_json(run_dir / "metrics.json", summary)
         if orig:
             write_json(run_dir / "metrics_original_resolution.json", summarize(orig, resolution="original"))
