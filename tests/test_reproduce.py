@@ -73,8 +73,13 @@ def test_smoke_manifest_writes_every_output(smoke):
     side = pairs.split("## Side by side")[1].split("## Every comparison")[0]  # one row per method, its 10% difference
     assert "| Mean Teacher | U-Net | " in side and "| supervised | U-Net | " in side and "(the reference)" in side
     page = (tmp / "report/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "<table>" in page and "http" not in page.split("<body>")[0]
+    # the validation curves and the qualitative grid of Kvasir-SEG, test Dice, the paired forest plot, every curve
+    assert page.count("data:image/png;base64,") == 5 and "<table>" in page and "http" not in page.split("<body>")[0]
     assert "<td><b>SemiKD (the paper&#x27;s method)</b></td>" in page and "**" not in page  # Markdown bold as HTML
+    assert page.index("<section id='headline'>") < page.index("<table>")  # the answer before the tables
+    # every cell kept its masks of the grid's images, so the grid shows the method and the best baseline
+    assert len(list((tmp / "results/kvasir-seg/semikd-mamba_unet-10pct-seed0/predictions").glob("*.png"))) == 8
+    assert "Qualitative examples: Kvasir-SEG</h3><figure>" in page
 
 
 @pytest.mark.slow
@@ -96,7 +101,7 @@ def test_report_renders_in_headless_chromium_with_tables_and_images(smoke, tmp_p
     url = (tmp / "report/report.html").as_uri()
     dom = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p1'}", "--virtual-time-budget=10000",
                           "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert 'data-images-loaded="4"' in dom  # the four figures decoded after load
+    assert 'data-images-loaded="5"' in dom  # the five figures decoded after load
     assert dom.count("<table>") >= 4 and "semikd" in dom and "Qualitative examples" in dom and "Paired comparisons" in dom
     shot = tmp_path / "report.png"
     subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1280,2400",
