@@ -621,12 +621,13 @@ def _masks_from_checkpoint(m: Manifest, c: Cell, per_image: dict, notes: list[st
 @dataclass
 class Grid:
     """A qualitative grid: its focus, its columns ((role, cell, per-image results, image id -> kept mask)), its
-    rows (image ids, easiest first), and the roles left out (role, why)."""
+    rows (image ids, easiest first), the roles left out (role, why), and how many images every column kept."""
 
     focus: Focus
     columns: list[tuple[str, Cell, dict, dict[str, Path]]]
     ids: list[str]
     left_out: list[tuple[str, str]]
+    shared: int = 0
 
 
 def choose_grid(m: Manifest, f: Focus, notes: list[str] | None = None) -> Grid | None:
@@ -674,7 +675,7 @@ def choose_grid(m: Manifest, f: Focus, notes: list[str] | None = None) -> Grid |
     ranked = sorted(shared, key=lambda i: (-mean[i], i))
     picks = sorted({int(round(x)) for x in np.linspace(0, len(ranked) - 1, min(GRID_ROWS, len(ranked)))})
     order = {"teacher": 0, "method": 1, "sup": 2, "baseline": 3}
-    return Grid(f, sorted(chosen, key=lambda o: order[o[0]]), [ranked[k] for k in picks], left)
+    return Grid(f, sorted(chosen, key=lambda o: order[o[0]]), [ranked[k] for k in picks], left, len(shared))
 
 
 def grid_figure(m: Manifest, g: Grid) -> bytes | None:
@@ -758,9 +759,14 @@ def qualitative_grids(m: Manifest, foci: list[Focus]) -> list[tuple[str, bytes |
             out.append((title, None, f"the grid needs the test images: {type(e).__name__}: {str(e)[:200]}"))
             continue
         left = "; ".join(f"{names} ({why})" for why, names in _left_out_text(g).items())
-        out.append((title, png, f"{g.focus.labels * 100:.0f}% labels: each cell's predicted masks as kept at test time "
-                    f"(predictions/ beside its metrics.json); the images are the easiest, the hardest and those between "
-                    f"of the {len(g.ids)} shown." + (f" Left out: {left}." if left else "") + " " + " ".join(notes)))
+        sources = {p.parent.name for *_, masks in g.columns for p in masks.values()}
+        how = ("predictions/, written at test time" if sources == {"predictions"} else
+               "qualitative/, written from their checkpoints by earlier reports" if sources == {"qualitative"} else
+               "predictions/, written at test time, or qualitative/, written from a checkpoint by an earlier report")
+        out.append((title, png, f"{g.focus.labels * 100:.0f}% labels. Each column: the predicted masks one finished "
+                    f"cell kept beside its metrics.json ({how}). Rows: {len(g.ids)} of the {g.shared} test images "
+                    "every column kept, from the easiest to the hardest by their mean Dice."
+                    + (f" Left out: {left}." if left else "") + " " + " ".join(notes)))
     return out
 
 
@@ -898,6 +904,10 @@ def write_outputs(m: Manifest) -> list[Path]:
     for _title, png, _caption, name in figures:
         if png is not None:
             atomic_write_bytes(out / "figures" / name, png)
+    written = {name for _, png, _, name in figures if png is not None}
+    for stale in (out / "figures").glob("*.png"):  # a figure this report no longer draws (renamed, or nothing to show)
+        if stale.name not in written:
+            stale.unlink()
     missing = list({c.key: c for c in table_missing + abl_missing}.values())
     tables = [f"# Comparison table ({m.profile} profile)\n\n" + "\n".join(_table_rows_md(m, table_agg) + _paper_md()),
               texts["ablation.md"], texts["paired.md"], texts["efficiency.md"]]
