@@ -198,7 +198,7 @@ class SegmentationModule(L.LightningModule):
         if split == "test" and getattr(getattr(dm, "hparams", None), "eval_original_resolution", False):
             for i, idx in enumerate(batch["index"].tolist()):
                 sample = dm.sample_by_index("test", idx)
-                orig = read_mask(sample.mask)
+                orig = read_mask(sample.mask, sample.mask_threshold)
                 up = F.interpolate(probs[i : i + 1], size=orig.shape, mode="bilinear", align_corners=False)
                 self._eval_orig[sample.id] = image_metrics(up.argmax(1)[0].cpu().numpy(), orig)
 
