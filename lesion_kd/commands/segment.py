@@ -1,12 +1,17 @@
 """``lesion-kd segment``: masks, overlays and a CSV summary for a folder of images, from an exported student.
 
     lesion-kd segment --model student.onnx --input photos/ --output masks/ [--tta] [--overwrite]
+    lesion-kd segment --model kvasir-seg --input photos/ --output masks/    # a student shipped with lesion-kd
+    lesion-kd segment --list-models
 
---model is an ONNX file (run by onnxruntime, without torch or the training code), a TorchScript file or a
-lesion-kd checkpoint (run by torch). Writes <id>_mask.png (0/255, at each image's own size),
-<id>_overlay.png and segments.csv. Unreadable files are reported and skipped; the exit status is 1 when
-there were any. This module imports no torch or Lightning for an ONNX model: for that guarantee run it
-as ``python -m lesion_kd.commands.segment`` (``lesion-kd`` itself loads Lightning for its other commands).
+--model is an ONNX file (run by onnxruntime, without torch or the training code), a TorchScript file, a
+lesion-kd checkpoint (run by torch), or the name of a trained student shipped inside the package
+(kvasir-seg: colonoscopy polyps; busi: breast ultrasound; --list-models shows them with their test Dice,
+size and data licence; research use only, not a medical device). An existing file always wins over a name.
+Writes <id>_mask.png (0/255, at each image's own size), <id>_overlay.png and segments.csv. Unreadable
+files are reported and skipped; the exit status is 1 when there were any. This module imports no torch or
+Lightning for an ONNX model: for that guarantee run it as ``python -m lesion_kd.commands.segment``
+(``lesion-kd`` itself loads Lightning for its other commands).
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from . import parser
 
 def main(argv: list[str]) -> int:
     p = parser("lesion-kd segment", __doc__)
-    p.add_argument("--model", required=True, help="exported .onnx, TorchScript file, or a lesion-kd .ckpt")
-    p.add_argument("--input", required=True, help="an image file or a folder of images (not recursive)")
-    p.add_argument("--output", required=True, help="folder for <id>_mask.png, <id>_overlay.png and segments.csv")
+    p.add_argument("--model", help="exported .onnx, TorchScript file, a lesion-kd .ckpt, or the name of a shipped "
+                                   "model (--list-models)")
+    p.add_argument("--input", help="an image file or a folder of images (not recursive)")
+    p.add_argument("--output", help="folder for <id>_mask.png, <id>_overlay.png and segments.csv")
+    p.add_argument("--list-models", action="store_true",
+                   help="list the trained students shipped with lesion-kd (name, dataset, test Dice, size, licence) and exit")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: mean softmax over identity, h- and v-flip")
     p.add_argument("--overwrite", action="store_true", help="redo images whose mask or overlay exists (default: skip them)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
@@ -33,6 +41,14 @@ def main(argv: list[str]) -> int:
                         "slower on an idle one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.list_models:
+        from ..pretrained import format_table
+
+        print(format_table())
+        return 0
+    missing = [f"--{n}" for n in ("model", "input", "output") if getattr(args, n) is None]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)} (or --list-models)")
     from ..deploy.segment import open_model, segment_images
 
     try:

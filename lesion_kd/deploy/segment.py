@@ -50,6 +50,7 @@ __all__ = [
     "SegmentSummary",
     "list_images",
     "open_model",
+    "predict_masks",
     "predict_probabilities",
     "segment_images",
 ]
@@ -174,7 +175,8 @@ class OnnxPredictor(Predictor):
 class TorchPredictor(Predictor):
     """A TorchScript export or a Lightning checkpoint (its plain student), run by torch."""
 
-    def __init__(self, path: Path, size: int | None = None, threads: int | None = None, device: str = "auto") -> None:
+    def __init__(self, path: Path, size: int | None = None, threads: int | None = None, device: str = "auto",
+                 checkpoint: bool | None = None) -> None:
         import torch  # only here: the ONNX path never imports torch
 
         if threads:
@@ -182,7 +184,9 @@ class TorchPredictor(Predictor):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._torch = torch
-        if path.suffix == ".ckpt":
+        if checkpoint is None:
+            checkpoint = path.suffix == ".ckpt"
+        if checkpoint:
             self.kind = "checkpoint"
             from ..models.loading import load_student  # torch and the networks: fine for a checkpoint
 
@@ -218,23 +222,58 @@ class TorchPredictor(Predictor):
             return self.net(x).float().cpu().numpy()
 
 
+def _is_torchscript_archive(path: Path) -> bool:
+    """True for a TorchScript archive (it holds ``<archive>/code/``), False for a ``torch.save`` file
+    (a checkpoint or a shipped student, whatever its extension)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def open_model(path: str | os.PathLike, size: int | None = None, threads: int | None = None,
                device: str = "auto", spin_wait: bool = True) -> Predictor:
-    """Open ``path`` by its kind: ``.onnx`` (onnxruntime), ``.ckpt`` (a lesion-kd checkpoint) or a TorchScript archive.
+    """Open ``path`` by its kind: ``.onnx`` (onnxruntime), a lesion-kd checkpoint (``.ckpt``, or any
+    ``torch.save`` file with the student's weights, as the shipped models), or a TorchScript archive.
 
+    ``path`` that is not an existing file is looked up among the students shipped with the package
+    (:mod:`lesion_kd.pretrained`: ``open_model("kvasir-seg")``); neither is an error naming the shipped ones.
     ``size``: the inference side for dynamic-size models (default: the size recorded at export or
     training); ``threads``: CPU threads (default: $OMP_NUM_THREADS, else the runtime's choice);
     ``device``: auto (a GPU when the runtime has one), cpu or cuda; ``spin_wait``: let onnxruntime's idle
     threads spin (fastest on a dedicated CPU; switch it off on a CPU shared with other jobs).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--model {path}: file not found")
+    from .. import pretrained
+
+    shipped = None if Path(path).expanduser().exists() else str(path)
+    path = pretrained.resolve_model(str(path))
     if path.suffix.lower() == ".onnx":
-        return OnnxPredictor(path, size, threads, device, spin_wait)
-    if path.suffix.lower() == ".ckpt" or zipfile.is_zipfile(path):
-        return TorchPredictor(path, size, threads, device)
-    raise ValueError(f"--model {path}: unknown model file (expected .onnx, .ckpt or a TorchScript .pt archive)")
+        predictor: Predictor = OnnxPredictor(path, size, threads, device, spin_wait)
+    elif path.suffix.lower() == ".ckpt" or zipfile.is_zipfile(path):
+        checkpoint = path.suffix.lower() == ".ckpt" or not _is_torchscript_archive(path)
+        predictor = TorchPredictor(path, size, threads, device, checkpoint=checkpoint)
+    else:
+        raise ValueError(f"--model {path}: unknown model file (expected .onnx, .ckpt or a TorchScript .pt archive)")
+    if shipped is not None:
+        predictor.kind = f"pretrained {shipped}"
+    return predictor
+
+
+def predict_masks(predictor: Predictor, images: Sequence[np.ndarray], tta: bool = False
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mask (H, W) uint8 {0, 1}, confidence (H, W) float32) of each (H, W, 3) uint8 RGB image, at its own size.
+
+    What ``lesion-kd segment`` does to every image: squash to S x S (:func:`resize_image`), RGB float in
+    [0, 1], softmax (mean over flips with ``tta``), resized bilinearly back to the image's size, arg-max.
+    """
+    if not len(images):
+        return []
+    S = predictor.image_size
+    batch = np.stack([resize_image(img, S) for img in images]).astype(np.float32)
+    batch = batch.transpose(0, 3, 1, 2) / np.float32(255.0)
+    probs = predict_probabilities(predictor, batch, tta)
+    return [probabilities_to_image(p, img.shape[0], img.shape[1]) for img, p in zip(images, probs, strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,18 +419,14 @@ def segment_images(
     output.mkdir(parents=True, exist_ok=True)
     csv_path = output / CSV_NAME
     previous = _previous_rows(csv_path)
-    S = predictor.image_size
     rows: list[dict[str, Any] | None] = [None] * len(files)
     pending: list[tuple[int, str, Path, np.ndarray]] = []
 
     def flush() -> None:
         if not pending:
             return
-        batch = np.stack([resize_image(img, S) for *_, img in pending]).astype(np.float32)
-        batch = batch.transpose(0, 3, 1, 2) / np.float32(255.0)
-        probs = predict_probabilities(predictor, batch, tta)
-        for (i, sid, f, img), p in zip(pending, probs, strict=True):
-            mask, conf = probabilities_to_image(p, img.shape[0], img.shape[1])
+        results = predict_masks(predictor, [img for *_, img in pending], tta)
+        for (i, sid, f, img), (mask, conf) in zip(pending, results, strict=True):
             write_png(output / f"{sid}_mask.png", mask * 255)
             write_png(output / f"{sid}_overlay.png", overlay(img, mask))
             rows[i] = _stats_row(sid, f, mask, conf)
