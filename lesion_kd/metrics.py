@@ -34,12 +34,18 @@ lesion / empty      0, 0        diagonal                     a lesion invented w
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_iou
-from monai.metrics.meandice import compute_dice
-from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+# MONAI and scipy.ndimage are imported in the functions that use them: the methods import this module, and
+# `lesion-kd fit --help` must not pay for MONAI (tests/test_imports.py).
+
+# MONAI's own compute_hausdorff_distance/compute_average_surface_distance pass get_mask_edges an argument that
+# MONAI itself deprecates (monai.metrics.utils, 1.5 to 1.7): a FutureWarning on every run, nothing a user can act on
+warnings.filterwarnings("ignore", message=r"monai\.metrics\.utils get_mask_edges:always_return_as_numpy",
+                        category=FutureWarning)
 
 # hd95: MONAI's directed max of per-direction 95th percentiles; hd95_pooled: MedPy's 95th percentile of
 # both directions pooled (see the module docstring)
@@ -63,6 +69,8 @@ def hd95_pooled(pred: np.ndarray, target: np.ndarray) -> float:
     rows, cols = np.nonzero(p | t)
     box = (slice(max(rows.min() - 1, 0), rows.max() + 2), slice(max(cols.min() - 1, 0), cols.max() + 2))
     p, t = p[box], t[box]
+    from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
     footprint = generate_binary_structure(2, 1)
     p_border = p ^ binary_erosion(p, structure=footprint, iterations=1)
     t_border = t ^ binary_erosion(t, structure=footprint, iterations=1)
@@ -86,6 +94,9 @@ def image_metrics(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Te
         return {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "asd": 0.0, "hd95_pooled": 0.0}
     if not p_any or not t_any:
         return {"dice": 0.0, "iou": 0.0, "hd95": diag, "asd": diag, "hd95_pooled": diag}
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_iou
+    from monai.metrics.meandice import compute_dice
+
     # MONAI wants one-hot (B, C, H, W); background excluded.
     y_pred = p[None, None].float()
     y = t[None, None].float()

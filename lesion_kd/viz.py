@@ -13,7 +13,6 @@ import hashlib
 import re
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 __all__ = ["KEPT_PREDICTIONS", "kept_prediction_ids", "mask_png", "overlay", "prediction_filename", "read_mask_png"]
@@ -28,6 +27,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 64, 0), alpha: floa
     m = mask > 0
     out[m] = (1 - alpha) * out[m] + alpha * np.array(color, np.float32)
     out = out.clip(0, 255).astype(np.uint8)
+    import cv2
+
     contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, color, max(1, round(min(mask.shape) / 200)))
     return out
@@ -48,6 +49,8 @@ def prediction_filename(image_id: str) -> str:
 
 def mask_png(mask: np.ndarray) -> bytes:
     """A binary (H, W) mask (nonzero: lesion) as a 1-bit PNG."""
+    import cv2
+
     ok, buf = cv2.imencode(".png", (np.asarray(mask) > 0).astype(np.uint8) * 255,
                            [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
@@ -57,6 +60,8 @@ def mask_png(mask: np.ndarray) -> bytes:
 
 def read_mask_png(path: str | Path) -> np.ndarray:
     """A kept mask (1-bit, or 8-bit 0/255 as the report once wrote them) as a bool (H, W) array."""
+    import cv2
+
     arr = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if arr is None:
         raise ValueError(f"{path}: not a readable PNG")

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from tqdm.auto import tqdm
 
 from .io import DataError, _open_array, atomic_write_bytes, image_size, write_png
@@ -97,6 +96,8 @@ def read_array(path: Path) -> np.ndarray:
     """An image file as an array: TIFFs through tifffile (Pillow fails on or garbles CVC-ClinicDB's TIFFs),
     everything else through the suite's reader (:func:`lesion_kd.data.io._open_array`)."""
     if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
         try:
             arr = tifffile.imread(path)
         except Exception as e:  # noqa: BLE001 - tifffile raises many types for a broken file

@@ -20,7 +20,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -52,12 +51,16 @@ def entry_path(root: Path, sample: Sample, size: int) -> Path:
 
 def resize_image(img: np.ndarray, size: int) -> np.ndarray:
     """Squash (H, W, 3) uint8 to (size, size, 3) (area interpolation when shrinking)."""
+    import cv2
+
     interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     """Squash an (H, W) {0,1} mask to (size, size) by thresholding its area-averaged value at 0.5."""
+    import cv2
+
     m = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA if min(mask.shape) > size else cv2.INTER_LINEAR)
     return (m >= 0.5).astype(np.uint8)
 

@@ -11,12 +11,14 @@ so any geometric albumentations pipeline a user configures keeps correct bookkee
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import albumentations as A
-import cv2
 import numpy as np
 
 from .geometry import coordinate_map, fit_affine
+
+if TYPE_CHECKING:  # albumentations is imported where a pipeline is built: `lesion-kd fit --help` does not load it
+    import albumentations as A
 
 
 @dataclass
@@ -49,6 +51,9 @@ class AugmentationConfig:
 
 
 def weak_pipeline(cfg: AugmentationConfig) -> A.Compose:
+    import albumentations as A
+    import cv2
+
     return A.Compose(
         [
             A.HorizontalFlip(p=cfg.flip),
@@ -66,6 +71,8 @@ def weak_pipeline(cfg: AugmentationConfig) -> A.Compose:
 
 
 def strong_pipeline(cfg: AugmentationConfig) -> A.Compose:
+    import albumentations as A
+
     return A.Compose(
         [
             A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=cfg.color_jitter),

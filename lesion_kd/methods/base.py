@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 
 from ..data.io import atomic_write_bytes, read_mask, write_png
 from ..metrics import METRICS, image_metrics, summarize
@@ -71,6 +70,8 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(f"model.lr={lr}: must be positive")
         self.save_hyperparameters()
         self.net = build_model(network, in_channels=in_channels, num_classes=num_classes, **(network_kwargs or {}))
+        from monai.losses import DiceCELoss  # here, not at import: `lesion-kd fit --help` does not load MONAI
+
         # 0.5 * (CE + soft Dice), SSL4MIS' supervised loss.
         self.sup_loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.5, lambda_ce=0.5)
         self._eval: dict[str, dict[str, float]] = {}

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ..losses.pckd import FeaturePerturbation
 from .ramps import sigmoid_rampup
@@ -222,6 +221,8 @@ def largest_component(labels: torch.Tensor) -> torch.Tensor:
     labels: (B, H, W) integer class map -> same shape, device and dtype. A class absent from an image
     stays absent (BCP's ``get_ACDC_2DLargestCC``, skimage's default full connectivity in 2D).
     """
+    from scipy import ndimage
+
     arr = labels.detach().cpu().numpy()
     out = np.zeros_like(arr)
     for b in range(arr.shape[0]):

@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from .base import SegmentationModule
 from .components import largest_component, masked_dice_ce, split_batch, total_steps
@@ -31,6 +30,8 @@ def point_prompts(
     Returns:
         centre (B, C, 2) and random (B, C, 2) float (x, y) pixel coordinates, labels (B, C) long.
     """
+    from scipy import ndimage
+
     b = pred.shape[0]
     centre, rand = torch.zeros(b, num_classes, 2), torch.zeros(b, num_classes, 2)
     labels = torch.zeros(b, num_classes, dtype=torch.long)

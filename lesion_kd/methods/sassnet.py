@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import ndimage
 from torch.func import functional_call
 
 from .base import SegmentationModule
@@ -25,6 +24,8 @@ def signed_distance(mask: np.ndarray) -> np.ndarray:
     pixel to the foreground (the authors' ``compute_sdf``: each normalised by its min-max, both minima
     0); negative inside, positive outside. An empty mask gives 0 everywhere (as the authors'), a full one
     -1 everywhere (the authors' would divide by zero)."""
+    from scipy import ndimage
+
     pos = mask.astype(bool)
     if not pos.any():
         return np.zeros(mask.shape, np.float32)
