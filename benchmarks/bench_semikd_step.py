@@ -19,6 +19,7 @@ import torch
 from machine import cpu_model
 
 from lesion_kd.methods import SemiKDModule, Supervised
+from lesion_kd.methods.base import relax_deterministic_fill
 
 
 def make_batch(b: int, size: int) -> dict:
@@ -55,7 +56,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="labeled (and unlabeled) batch size")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--nan-fill", action="store_true",
+                    help="keep torch's NaN fill of uninitialised memory under deterministic algorithms (before issue 29)")
     args = ap.parse_args()
+    # as the cells run: trainer.deterministic=true, and the suite's relax_deterministic_fill() at fit start
+    torch.use_deterministic_algorithms(True)
+    if not args.nan_fill:
+        relax_deterministic_fill()
     torch.manual_seed(0)
     batch = make_batch(args.batch, args.size)
     sup = Supervised(network="mamba_unet")
@@ -67,7 +74,7 @@ def main() -> None:
     t_full = time_steps(full, batch, args.steps, args.precision)
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {cpu_model()}  torch {torch.__version__}  "
           f"threads {torch.get_num_threads()}  OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}  "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load {os.getloadavg()[0]:.2f}  deterministic, NaN fill {'on' if args.nan_fill else 'off'}")
     print(f"| step ({args.batch} labeled + {args.batch} unlabeled, {args.size}x{args.size}, "
           f"{args.precision}) | seconds | ratio |")
     print("|---|---|---|")

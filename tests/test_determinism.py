@@ -31,3 +31,47 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(tmp_path, data_dir):
 def run_dir_of_csv(root):
     (csv,) = root.rglob("metrics.csv")
     return csv
+
+
+@pytest.mark.parametrize("method", ["semikd", "supervised"])
+def test_deterministic_runs_skip_the_nan_fill_and_compute_the_same_step(method):
+    """relax_deterministic_fill (issue 29): keeps deterministic algorithms, drops the NaN fill of new tensors, and a
+    SemiKD / supervised training step (forward, backward) is bit-identical with and without the fill."""
+    import torch
+
+    from lesion_kd.methods import SemiKDModule, Supervised
+    from lesion_kd.methods.base import relax_deterministic_fill
+
+    def step(fill: bool):
+        torch.manual_seed(0)
+        b, s = 2, 64
+        part = lambda lab: {  # noqa: E731
+            "image_weak": torch.rand(b, 3, s, s), "image_strong": torch.rand(b, 3, s, s),
+            "mask": (torch.rand(b, s, s) > 0.7).long(), "theta": torch.eye(2, 3).repeat(b, 1, 1) * 0.9,
+            "teacher_emb": torch.randn(b, 256, 64, 64).half(), "index": torch.arange(b), "id": ["a", "b"]}
+        batch = {"labeled": part(True), "unlabeled": part(False)}
+        m = (SemiKDModule(network="mamba_unet", ramp_fraction=0.0) if method == "semikd"
+             else Supervised(network="mamba_unet"))
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        if not fill:
+            relax_deterministic_fill()
+        filled = torch.utils.deterministic.fill_uninitialized_memory
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m.training_step(batch, 0)
+        loss.backward()
+        return filled, loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    try:
+        filled_on, loss_on, grads_on = step(True)
+        filled_off, loss_off, grads_off = step(False)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+    assert filled_on and not filled_off
+    assert torch.equal(loss_on, loss_off)
+    assert len(grads_on) == len(grads_off) > 10
+    assert all(torch.equal(a, b) for a, b in zip(grads_on, grads_off, strict=True))

@@ -27,6 +27,18 @@ from ..models import build_model
 from ..viz import kept_prediction_ids, mask_png, overlay, prediction_filename
 
 
+def relax_deterministic_fill() -> None:
+    """Keep deterministic algorithms, but stop filling every new uninitialised tensor with NaN.
+
+    ``trainer.deterministic=true`` calls ``torch.use_deterministic_algorithms(True)``, which also switches on
+    ``torch.utils.deterministic.fill_uninitialized_memory``, a debugging aid that writes NaN into every
+    ``torch.empty`` result: about 11,000 fills per SemiKD training step, 10-15% of a cpu-profile step
+    (``benchmarks/profile_cell.py``, benchmarks/README.md). No kernel here reads memory it has not written (a
+    run's metrics are byte-identical with and without the fill: tests/test_determinism.py), so it costs time and
+    changes nothing."""
+    if torch.are_deterministic_algorithms_enabled():
+        torch.utils.deterministic.fill_uninitialized_memory = False
+
 class SegmentationModule(L.LightningModule):
     """Base of all methods: network, optimiser, supervised loss, evaluation and prediction.
 
@@ -163,6 +175,12 @@ class SegmentationModule(L.LightningModule):
 
     # ------------------------------------------------------------------- the data module, wired explicitly
     _wired_data = None
+
+    def on_fit_start(self) -> None:
+        relax_deterministic_fill()
+
+    def on_test_start(self) -> None:
+        relax_deterministic_fill()
 
     def connect_data(self, data) -> None:
         """The data module this method trains and evaluates with, given by :func:`lesion_kd.wiring.wire` (which
