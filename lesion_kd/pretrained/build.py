@@ -46,7 +46,7 @@ DATASET_TERMS: dict[str, dict[str, str]] = {
         "title": "Kvasir-SEG",
         "task": "polyp segmentation in colonoscopy images",
         "short": "research/education only, no commercial use; cite Jha et al. MMM 2020",
-        "data_terms": ("Kvasir-SEG (Simula, https://datasets.simula.no/kvasir-seg/): released for research and "
+        "data_terms": ("Kvasir-SEG (Simula Research Laboratory): released for research and "
                        "educational use only; commercial use is forbidden without Simula's prior written "
                        "permission; publications must cite Jha et al., MMM 2020."),
         "weights_terms": ("The terms restrict the use of the data (research and education, no commercial use) and "
@@ -196,7 +196,9 @@ def build(run_dir: Path, command: str, name: str | None = None, data_root: str |
     hp = dict(raw.get("hyper_parameters") or {})
     net_state = {k: v for k, v in raw["state_dict"].items() if k.startswith("net.")}
     state, kept32 = compact_state(net_state)
-    n_params = int(sum(v.numel() for v in net_state.values() if v.is_floating_point()))
+    from ..models.loading import load_student
+
+    n_params = int(sum(p.numel() for p in load_student(str(files["ckpt"])).parameters()))
     payload = {
         "state_dict": state,
         "hyper_parameters": {"network": hp["network"], "in_channels": int(hp.get("in_channels", 3)),
@@ -292,7 +294,17 @@ def fixed_eval_line(entry: dict[str, Any]) -> str:
     """The card's line with the 20-image figure (tests/test_pretrained.py reads it back)."""
     fe = entry["fixed_eval"]
     return (f"Mean Dice on the {len(fe['ids'])} fixed test images: **{100 * fe['mean_dice']:.2f}** "
-            "(shipped weights, `lesion-kd segment`'s preprocessing, at each image's own resolution, no TTA)")
+            "(the shipped weights through `lesion-kd segment`'s preprocessing, at each image's own resolution, no TTA)")
+
+
+def _fixed_note(e: dict[str, Any]) -> str:
+    """For ids that carry a category prefix (BUSI: benign_NNN, malignant_NNN), how many of each the fixed
+    images hold: sorting by id does not sample the categories evenly."""
+    cats = [i.split("_")[0] for i in e["fixed_eval"]["ids"] if "_" in i]
+    if len(cats) != len(e["fixed_eval"]["ids"]):
+        return ""
+    counts = ", ".join(f"{cats.count(c)} {c}" for c in sorted(set(cats)))
+    return f"\n  Sorted by id, they are {counts} images, not a sample of the test set's categories."
 
 
 def render_card(e: dict[str, Any]) -> str:
@@ -301,7 +313,7 @@ def render_card(e: dict[str, Any]) -> str:
         if "hd95_pooled" in t else ""
     ids = ", ".join(f"`{i}`" for i in e["fixed_eval"]["ids"])
     val = f"{100 * e['val_dice']:.2f}" if e.get("val_dice") is not None else "n/a"
-    commit = f"The code was at commit `{e['code_commit'][:12]}`." if e.get("code_commit") else ""
+    commit = f"(The build ran at commit `{e['code_commit'][:12]}`.)" if e.get("code_commit") else ""
     return f"""# Model card: `{e['name']}`, a Mamba U-Net student for {e['task']}
 
 **{e['intended_use']}**
@@ -313,7 +325,7 @@ Use it by name: `lesion-kd segment --model {e['name']} --input DIR --output DIR`
 |---|---|
 | Weights | `{e['file']}`, {e['bytes'] / 1e6:.2f} MB, sha256 `{e['sha256']}` |
 | Storage | {e['weights_dtype']} (computed in float32; largest logit difference to the float32 checkpoint on the fixed images: {e['max_abs_logit_diff_vs_float32']:.1e}) |
-| Network | `{e['network']}` ({e['parameters'] / 1e6:.2f} M parameters), {e['num_classes']} classes (0 background, 1 lesion) |
+| Network | `{e['network']}` ({e['parameters']:,} parameters), {e['num_classes']} classes (0 background, 1 lesion) |
 | Input | {e['input']}; input size {e['image_size']}x{e['image_size']} |
 | Training data | {e['dataset_title']}: all {sp['train']} training images, every one labeled; validation {sp['val']}, test {sp['test']} (committed split `{sp['file']}`) |
 | Method | `{e['method']}`, seed {e['seed']}, {e['max_steps']} steps, best checkpoint by validation Dice (step {e['best_step']}, val Dice {val}) |
@@ -343,9 +355,9 @@ With the shipped weights, through `lesion-kd segment`'s preprocessing, each mask
 truth at the image's own resolution:
 
 - Mean Dice on all {e['test_original_resolution']['n_images']} test images: {100 * e['test_original_resolution']['mean_dice']:.2f}
-- {fixed_eval_line(e)}.
-  (the float32 checkpoint: {100 * e['fixed_eval']['float32_checkpoint_mean_dice']:.2f}).
-  The fixed images are {e['fixed_eval']['rule']}: {ids}.
+- {fixed_eval_line(e)}; the float32 checkpoint the weights were stored from: {100 * e['fixed_eval']['float32_checkpoint_mean_dice']:.2f}.
+  The fixed images are {e['fixed_eval']['rule']}: {ids}.{_fixed_note(e)}
+  The figure is a fixed check of the shipped weights; the test Dice above is the accuracy estimate.
   tests/test_pretrained.py recomputes this figure from the shipped weights (within 0.5 points).
 
 ## Data terms, and the terms of these weights
