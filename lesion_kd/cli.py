@@ -73,14 +73,27 @@ def _config_args(path: str, seen: tuple[str, ...] = ()) -> list[str]:
     return out
 
 
+_YAML_READ: dict[tuple[str, int, int], object] = {}
+
+
 def load_yaml(path: Path):
-    """A YAML file's content; malformed YAML is a :class:`UserInputError` naming the file, line and column."""
+    """A YAML file's content; malformed YAML is a :class:`UserInputError` naming the file, line and column.
+
+    Each file is read and parsed once per command (``expand_configs`` and ``check_method_name`` both read the
+    --config files); every call returns its own copy."""
+    import copy
+
     import yaml
 
     from .errors import UserInputError
 
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _YAML_READ:
+        return copy.deepcopy(_YAML_READ[key])
     try:
-        return yaml.safe_load(path.read_text())
+        doc = _YAML_READ[key] = yaml.safe_load(path.read_text())
+        return copy.deepcopy(doc)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -224,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in LIGHTNING_COMMANDS:
         print(f"lesion-kd: unknown command {argv[0]!r}; run 'lesion-kd --help' for the list", file=sys.stderr)
         return 2
+    from .help_cache import cached, run_and_keep
+
+    text = cached(argv)  # `lesion-kd fit --help` as printed before, while the code is the same: no Lightning import
+    if text is not None:
+        sys.stdout.write(text)
+        return 0
+    import logging
     import warnings
 
     # we always hand LightningCLI the (expanded) arguments; its warning about sys.argv also being set is moot
@@ -234,7 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning's own call of a torch API that torch 2.14 deprecates: nothing a user can act on
     warnings.filterwarnings("ignore", message="`isinstance\\(treespec, LeafSpec\\)` is deprecated")
-    return report_user_errors(argv[0], lambda: run_lightning(expand_configs(argv)))
+    # Lightning's advertisement of its cloud services (litlogger, litmodels) on every run
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_lightning_tips)
+    return report_user_errors(argv[0], lambda: run_and_keep(argv, lambda: run_lightning(expand_configs(argv))))
+
+
+LIGHTNING_TIPS = ("💡 Tip: For seamless cloud logging", "💡 Tip: For seamless cloud uploads")
+
+
+def drop_lightning_tips(record) -> bool:
+    """A logging filter: False for Lightning's tips to install litlogger / litmodels (logged at INFO on every
+    run by ``lightning.pytorch.utilities.rank_zero``), True for every other record."""
+    return not str(record.msg).startswith(LIGHTNING_TIPS)
 
 
 def report_user_errors(command: str, run) -> int:

@@ -20,6 +20,19 @@ from .wiring import wire
 class LesionCLI(LightningCLI):
     """LightningCLI with the suite's extras: best-by-val-Dice checkpoints, test after fit, W&B, results copy."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        argv = kwargs.get("args")
+        # the one subcommand this command line runs (None: not known here, every subcommand gets its parser)
+        self._only = argv[0] if isinstance(argv, list) and argv and argv[0] in LightningCLI.subcommands() else None
+        super().__init__(*args, **kwargs)
+
+    def subcommands(self) -> dict[str, set[str]]:
+        """Only the subcommand being run: LightningCLI builds a parser for each of fit/validate/test/predict
+        (the trainer's, the method's and the data module's signatures introspected four times, ~1 s of
+        ``lesion-kd fit --help``), and a command line runs one of them."""
+        every = LightningCLI.subcommands()
+        return {self._only: every[self._only]} if getattr(self, "_only", None) else every
+
     def add_arguments_to_parser(self, parser) -> None:
         from typing import Literal, Union
 
@@ -61,11 +74,34 @@ class LesionCLI(LightningCLI):
     def _sub(self):
         return self.config[self.subcommand] if self.subcommand else self.config
 
+    _config_yaml: str | None = None
+
+    def _config_text(self) -> str:
+        """The subcommand's resolved config as YAML (every option, defaults included), as ``config.yaml`` holds it.
+
+        Dumped once per run: the method's hyperparameters (LightningCLI's ``_dump_config``), the run record,
+        W&B and ``config.yaml`` all read this text (each dumped it again before, ~0.1 s apiece). The parsed
+        config does not change once the classes are instantiated."""
+        if self._config_yaml is None:
+            self._config_yaml = self._parser(self.subcommand).dump(self._sub(), skip_none=False, format="yaml")
+        return self._config_yaml
+
+    def _dump_config(self) -> None:
+        # LightningCLI's dump of the whole config for the instantiated classes' hyperparameters: the same text,
+        # when a subcommand runs (no argument links here, so skip_link_targets changes nothing)
+        if hasattr(self, "config_dump"):
+            return
+        if not self.subcommand:
+            return super()._dump_config()
+        import yaml
+
+        self.config_dump = yaml.safe_load(self._config_text())
+
     def _resolved_config(self) -> dict:
         """The resolved config (every option, defaults included) as plain data, without the --config paths."""
         import yaml
 
-        config = yaml.safe_load(self._parser(self.subcommand).dump(self._sub(), skip_none=False, format="yaml"))
+        config = yaml.safe_load(self._config_text())
         config.pop("config", None)  # the --config file paths: the resolved values are what matters
         return config
 
@@ -84,9 +120,17 @@ class LesionCLI(LightningCLI):
             secret_safe_wandb_logger,
         )
 
-        trainer = super().instantiate_trainer(**kwargs)
         sub = self._sub()
-        csv_unless_configured(trainer, sub.get("trainer.logger"))
+        configured = sub.get("trainer.logger")
+        if configured is None or configured is True:
+            # Lightning's default logger is replaced by a CSVLogger below (csv_unless_configured); asking for none
+            # here spares its default's warning that tensorboardX is not installed, on every run
+            kwargs["logger"] = False
+        trainer = super().instantiate_trainer(**kwargs)
+        csv_unless_configured(trainer, configured)
+        for cb in trainer.callbacks:
+            if isinstance(cb, SecretSafeSaveConfig):
+                cb.config_text = self._config_text()
         extra: list = [CheckpointOnSigterm(), StepSeeding(), RunRecord(run_options(self._resolved_config())),
                        DivergenceGuard(sub.get("max_loss_ratio", 100.0))]
         if trainer.progress_bar_callback is None:  # a log file, not a terminal: a line now and then instead
@@ -300,6 +344,8 @@ class SecretSafeSaveConfig(SaveConfigCallback):
     A config with nothing to redact is written exactly as LightningCLI writes it. A redacted one still resumes:
     ``--config <run>/config.yaml --ckpt_path last`` compares redacted values with redacted values."""
 
+    config_text: str | None = None  # the config as LesionCLI dumped it already (LesionCLI._config_text)
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         import yaml
 
@@ -310,7 +356,7 @@ class SecretSafeSaveConfig(SaveConfigCallback):
             return
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and log_dir is not None:
-            text = self.parser.dump(self.config, skip_none=False)
+            text = self.config_text or self.parser.dump(self.config, skip_none=False)
             doc = yaml.safe_load(text)
             redacted = redact_secrets(doc)
             if redacted is not doc:

@@ -18,11 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, data_dir) -> Path:
+def smoke_fit(tmp_path_factory, data_dir) -> tuple[Path, subprocess.CompletedProcess]:
     root = tmp_path_factory.mktemp("smoke")
     out = lesion_kd("fit", *BASE, "--trainer.default_root_dir", str(root), env_extra={"LESION_KD_DATA": str(data_dir)})
     assert "metrics written to" in out.stdout
-    return run_dir_of(root)
+    return run_dir_of(root), out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(smoke_fit) -> Path:
+    return smoke_fit[0]
 
 
 def test_help_lists_subcommands():
@@ -45,6 +50,67 @@ def test_smoke_fit_writes_checkpoint_config_and_metrics(smoke_run):
     assert 0.0 <= m["dice"]["mean"] <= 1.0 and m["hd95"]["mean"] > 0
     assert list((smoke_run / "checkpoints").glob("best-*.ckpt")) and (smoke_run / "checkpoints" / "last.ckpt").is_file()
     assert (smoke_run / "config.yaml").is_file() and (smoke_run / "split.json").is_file()
+
+
+# (issue 31, item 8) lines every run printed and nobody can act on: Lightning's note that tensorboardX is not installed
+# (its default logger, which the CLI replaces by a CSVLogger anyway), its advertisement of litlogger, and MONAI's
+# warning about an argument MONAI itself passes (its source line, `warn_deprecated(argname, msg, warning_category)`)
+NOISE = ("`tensorboardX` has been removed as a dependency", "litlogger", "warn_deprecated(", "always_return_as_numpy")
+
+
+def test_a_smoke_fit_prints_none_of_the_known_noise(smoke_fit):
+    _, out = smoke_fit
+    found = [n for n in NOISE if n in out.stderr or n in out.stdout]
+    assert not found, f"{found} in the output of a smoke fit:\n{out.stderr[-3000:]}"
+    assert "Seed set to 0" in out.stderr  # Lightning's other info lines still come through
+
+
+def test_metrics_of_overlapping_masks_raise_no_monai_deprecation_warning():
+    # the smoke fit's masks may all be empty (no HD95 computed): the metric itself, in a fresh interpreter
+    code = ("import numpy as np; from lesion_kd.metrics import image_metrics\n"
+            "a = np.zeros((32, 32)); a[4:20, 4:20] = 1; b = np.zeros((32, 32)); b[8:26, 6:24] = 1\n"
+            "print(image_metrics(a, b)['hd95'])")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) > 0
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_fit_help_comes_from_the_cache_the_second_time_without_lightning(tmp_path):
+    env = {**os.environ, "LESION_KD_CACHE": str(tmp_path)}
+    code = ("import sys; from lesion_kd.cli import main\n"
+            "try:\n    rc = main(['fit', '--help'])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('rc', rc, 'lightning' in sys.modules, file=sys.stderr)")
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    built, again = runs
+    assert built.stderr.splitlines()[-1] == "rc 0 True", built.stderr[-3000:]  # built by LightningCLI
+    assert "--data.labeled_fraction" in built.stdout and list((tmp_path / "help").glob("fit-*.txt"))
+    assert again.stderr.splitlines()[-1] == "rc 0 False", again.stderr[-3000:]  # printed from the cache
+    assert again.stdout == built.stdout
+    # any other argument (a config changes the defaults shown) builds the help as before
+    from lesion_kd.help_cache import cacheable
+
+    assert not cacheable(["fit", "--config", "x.yaml", "--help"]) and cacheable(["test", "-h"])
+
+
+def test_the_help_cache_key_follows_the_source_files(tmp_path, monkeypatch):
+    from lesion_kd import help_cache
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("x = 1\n")
+    first = help_cache.key(["fit", "--help"], root=pkg)
+    assert help_cache.key(["fit", "--help"], root=pkg) == first
+    assert help_cache.key(["test", "--help"], root=pkg) != first
+    (pkg / "a.py").write_text("x = 22\n")  # another size (and time)
+    assert help_cache.key(["fit", "--help"], root=pkg) != first
+    second = help_cache.key(["fit", "--help"], root=pkg)
+    (pkg / "b.py").write_text("")
+    assert help_cache.key(["fit", "--help"], root=pkg) != second
+    monkeypatch.setenv(help_cache.ENV, "0")
+    assert not help_cache.cacheable(["fit", "--help"])
 
 
 def test_test_and_predict_from_the_checkpoint(smoke_run, tmp_path, data_dir):

