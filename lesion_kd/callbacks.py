@@ -4,6 +4,8 @@
   W&B at every validation epoch end (rank 0 only), so that one can watch the predictions improve;
 - ``ProgressLines``: a line per validation and every few minutes (step, time left, loss, val Dice) where the
   progress bar is off, e.g. in the log file of a ``reproduce-table`` cell;
+- ``ProgressFile``: the same figures in a small JSON file ($LESION_KD_PROGRESS_FILE), from which ``lesion-kd
+  sweep`` draws each run's progress bar;
 - ``TrainIdsRecorder``: an opt-in record of the training image ids each process saw
   (``train_ids_rank{r}.json`` in the run directory), to check data sharding under DDP;
 - ``redact_secrets``, ``SecretSafeWandbLogger``, ``argv_has_secret``: no secret-looking value (an API key, a
@@ -279,6 +281,61 @@ class ProgressLines(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self.line(trainer, "val")
+
+
+PROGRESS_FILE_ENV = "LESION_KD_PROGRESS_FILE"
+
+
+class ProgressFile(Callback):
+    """The run's progress as a small JSON file, rewritten at most every ``seconds`` and at each change of stage:
+    ``{"stage": "train"|"trained"|"test"|"tested", "step", "total", "loss", "val_dice", "time"}``. ``lesion-kd
+    sweep`` names the file in $LESION_KD_PROGRESS_FILE for each run it starts and draws that run's progress bar
+    from it (the run's own output goes to its log file). Rank 0 only; replaced atomically, never fsynced."""
+
+    def __init__(self, path: str | os.PathLike, seconds: float = 2.0) -> None:
+        self.path, self.seconds = Path(path), seconds
+        self._last = float("-inf")
+
+    def write(self, trainer: L.Trainer, stage: str) -> dict | None:
+        if not trainer.is_global_zero:
+            return None
+        total = trainer.max_steps
+        if total is None or total < 0:
+            total = int(trainer.estimated_stepping_batches)
+        metrics = trainer.callback_metrics
+        doc = {"stage": stage, "step": int(trainer.global_step), "total": int(total), "time": time.time()}
+        for key, name in (("train/loss", "loss"), ("val/dice", "val_dice")):
+            if key in metrics:
+                doc[name] = float(metrics[key])
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self.path)
+        except OSError:
+            return None  # progress is a courtesy: never the reason a run fails
+        self._last = time.monotonic()
+        return doc
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer, "train")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if time.monotonic() - self._last >= self.seconds:
+            self.write(trainer, "train")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.write(trainer, "train")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer, "trained")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer, "test")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write(trainer, "tested")
 
 
 class CheckpointOnSigterm(Callback):

@@ -108,8 +108,10 @@ class LesionCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
 
         from .callbacks import (
+            PROGRESS_FILE_ENV,
             CheckpointOnSigterm,
             DivergenceGuard,
+            ProgressFile,
             ProgressLines,
             RunRecord,
             StepSeeding,
@@ -135,6 +137,8 @@ class LesionCLI(LightningCLI):
                        DivergenceGuard(sub.get("max_loss_ratio", 100.0))]
         if trainer.progress_bar_callback is None:  # a log file, not a terminal: a line now and then instead
             extra.append(ProgressLines())
+        if os.environ.get(PROGRESS_FILE_ENV):  # a run of `lesion-kd sweep`: its progress bar reads this file
+            extra.append(ProgressFile(os.environ[PROGRESS_FILE_ENV]))
         if self.subcommand == "fit":
             self._resuming = self._resolve_last(trainer)
         if sub.get("record_train_ids"):

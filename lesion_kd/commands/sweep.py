@@ -12,6 +12,8 @@ Layout of OUT (default ``runs/sweeps/<sweep file name>``)::
     sweep.yaml                the sweep config in use (a later call must use the same one)
     run-001/proposal.json     the proposed parameters and the exact command line
     run-001/output.log        the run's stdout and stderr
+    run-001/progress.json     the run's step, loss and val Dice while it runs (shown as a progress bar, or a
+                              line per validation where stderr is not a terminal)
     run-001/result.json       state, return code, metric history, best val Dice, test Dice (written at the end)
     run-001/lightning_logs/   the run directory (--trainer.default_root_dir OUT/run-001)
     sweep_results.csv / .md   one row per run
@@ -310,6 +312,78 @@ def write_tables(out: Path, cfg: dict, records: list[dict]) -> tuple[Path, Path]
 
 
 # --------------------------------------------------------------------------------------------- run
+PROGRESS_FILE_ENV = "LESION_KD_PROGRESS_FILE"  # lesion_kd.callbacks.PROGRESS_FILE_ENV (not imported: Lightning)
+POLL_SECONDS = 1.0
+
+
+class RunProgress:
+    """A run's progress on the console while it runs, from the JSON file its ``ProgressFile`` callback rewrites
+    every few seconds (a command that is not ``lesion-kd fit`` writes none: elapsed time only).
+
+    On a terminal, a progress bar (tqdm, on stderr): steps done of the run's total, elapsed and remaining time,
+    the stage (starting, training, testing), the last training loss and validation Dice. Elsewhere (a log
+    file), a line on stdout at every change of stage, every new validation Dice and every ``minutes``."""
+
+    def __init__(self, name: str, path: Path, minutes: float = 5.0, tty: bool | None = None) -> None:
+        self.name, self.path, self.minutes = name, path, minutes
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.t0 = self._last_line = time.monotonic()
+        self._said: tuple | None = None
+        self._doc: dict | None = None
+        self.bar = None
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=None, desc=f"[sweep] {name}", unit="step", dynamic_ncols=True, leave=False)
+            self.bar.set_postfix_str("starting", refresh=True)
+
+    def read(self) -> dict | None:
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def describe(self, doc: dict | None) -> str:
+        minutes = (time.monotonic() - self.t0) / 60
+        if doc is None:
+            return f"[sweep] {self.name}: starting, {minutes:.1f} min"
+        stage = {"train": "training", "trained": "trained", "test": "testing", "tested": "tested"}.get(
+            doc.get("stage"), str(doc.get("stage")))
+        step, total = int(doc.get("step", 0)), max(int(doc.get("total", 0)), 1)
+        text = f"[sweep] {self.name}: {stage}, step {step}/{total} ({100 * step / total:.0f}%), {minutes:.1f} min"
+        for key, label in (("loss", "loss"), ("val_dice", "val Dice")):
+            if isinstance(doc.get(key), (int, float)):
+                text += f", {label} {doc[key]:.4f}"
+        return text
+
+    def poll(self) -> str | None:
+        """Update the bar, or return (and print) the line due now, if any."""
+        doc = self._doc = self.read() or self._doc
+        if self.bar is not None:
+            if doc is not None:
+                self.bar.total = max(int(doc.get("total", 0)), 1)
+                self.bar.n = int(doc.get("step", 0))
+                post = [{"train": "training", "test": "testing"}.get(doc.get("stage"), str(doc.get("stage")))]
+                post += [f"{label} {doc[key]:.4f}" for key, label in (("loss", "loss"), ("val_dice", "val Dice"))
+                         if isinstance(doc.get(key), (int, float))]
+                self.bar.set_postfix_str(", ".join(post), refresh=False)
+            self.bar.refresh()
+            return None
+        said = None if doc is None else (doc.get("stage"), doc.get("val_dice"))
+        now = time.monotonic()
+        if said != self._said or now - self._last_line >= 60 * self.minutes:
+            self._said, self._last_line = said, now
+            line = self.describe(doc)
+            print(line, flush=True)
+            return line
+        return None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run_one(rec: dict, cfg: dict, env: dict[str, str], index: int, count: int) -> dict:
     """Run one proposal to completion; returns and writes its ``result.json``."""
     d: Path = rec["dir"]
@@ -318,10 +392,26 @@ def run_one(rec: dict, cfg: dict, env: dict[str, str], index: int, count: int) -
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec["values"].items())
     print(f"[sweep] run {index}/{count} {rec['run']}: {shown}  (log: {d / 'output.log'})", flush=True)
     t0 = time.time()
+    progress_file = d / "progress.json"
+    progress_file.unlink(missing_ok=True)  # an interrupted earlier attempt's
+    progress = RunProgress(rec["run"], progress_file)
     with (d / "output.log").open("w") as log:
         log.write("$ " + " ".join(rec["command"]) + "\n")
         log.flush()
-        rc = subprocess.run(rec["command"], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        # the run's output goes to its log; its progress (lesion_kd.callbacks.ProgressFile) comes here
+        proc = subprocess.Popen(rec["command"], stdout=log, stderr=subprocess.STDOUT,
+                                env={**env, PROGRESS_FILE_ENV: str(progress_file)})
+        try:
+            while proc.poll() is None:
+                progress.poll()
+                time.sleep(POLL_SECONDS)
+        except BaseException:  # as subprocess.run: an interrupted sweep does not leave its run behind
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            progress.close()
+        rc = proc.returncode
     history = read_metric_history(d, metric)
     val_dice = history if metric == "val/dice" else read_metric_history(d, "val/dice")
     res = {

@@ -80,6 +80,22 @@ class ExportReport:
         return max((c.max_abs_diff for c in self.checks), default=float("nan"))
 
 
+def _say(text: str) -> None:
+    """The default ``log``: a line on stdout at once (a pipe or a log file would hold it back otherwise)."""
+    print(text, flush=True)
+
+
+class _Steps:
+    """Status lines of the long steps (torch.export, the ONNX translation, tracing, loading, verifying: tens of
+    seconds each for the Mamba student on a CPU), each with the seconds since the export began."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log, self.t0 = log, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        self.log(f"  [{time.perf_counter() - self.t0:4.0f} s] {text}")
+
+
 def _require(module: str, why: str):
     """Import ``module`` or raise an ImportError that says how to install it."""
     import importlib
@@ -215,8 +231,10 @@ def _dynamic_shapes(dynamic: bool, max_size: int, multiple: int) -> tuple[dict, 
 
 
 def _export_onnx(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool, max_size: int, multiple: int,
-                 levels: int, meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
+                 levels: int, meta: dict[str, str],
+                 step: Callable[[str], None] = lambda _: None) -> Callable[[torch.Tensor], np.ndarray]:
     """Write the ONNX file to ``tmp``; return a function running it in onnxruntime (for verification)."""
+    step("loading the ONNX exporter (onnx, onnxscript, onnxruntime)")
     onnx = _require("onnx", "ONNX export")
     _require("onnxscript", "ONNX export (torch.onnx's exporter)")
     ort = _require("onnxruntime", "Verifying an ONNX export")
@@ -225,10 +243,12 @@ def _export_onnx(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool
         warnings.simplefilter("ignore")  # the exporter's deprecation and fallback chatter
         # torch.export first, by hand: its error is then the real one (torch.onnx.export would retry other
         # capture strategies and report the last failure), and it is much faster with symbolic sizes.
+        step("torch.export: capturing the network's graph")
         try:
             exported = torch.export.export(net, (example,), dynamic_shapes=_dynamic_shapes(dynamic, max_size, multiple))
         except Exception as e:  # noqa: BLE001 - torch.export raises many types; say which step failed
             raise ExportError(f"torch.export failed: {type(e).__name__}: {str(e)[:2000]}") from e
+        step("torch.onnx: translating the graph to ONNX and optimising it")
         try:
             program = torch.onnx.export(exported, (example,), dynamo=True, input_names=[md.INPUT_NAME],
                                         output_names=[md.OUTPUT_NAME], optimize=True, verbose=False)
@@ -243,6 +263,7 @@ def _export_onnx(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(model, str(tmp))
+    step("onnxruntime: loading the exported model")
     options = ort.SessionOptions()
     threads = os.environ.get("OMP_NUM_THREADS", "")
     options.intra_op_num_threads = int(threads) if threads.isdigit() else 0
@@ -251,13 +272,15 @@ def _export_onnx(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool
 
 
 def _export_torchscript(net: nn.Module, tmp: Path, example: torch.Tensor, dynamic: bool, levels: int,
-                        meta: dict[str, str]) -> Callable[[torch.Tensor], np.ndarray]:
+                        meta: dict[str, str],
+                        step: Callable[[str], None] = lambda _: None) -> Callable[[torch.Tensor], np.ndarray]:
     """Write the TorchScript file to ``tmp`` (metadata as the extra file lesion_kd.json); return a runner.
 
     A fixed size keeps the model's own chunked scan: run by torch it is about twice as fast as the
     GEMM-based export formulation (which suits onnxruntime); a dynamic size needs the shape-polymorphic one.
     """
     formulation = export_scan_formulation(levels, polymorphic=True) if dynamic else contextlib.nullcontext()
+    step("torch.jit.trace: tracing and freezing the network")
     with formulation, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape arithmetic is traced on purpose
         warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": still the TorchScript format
@@ -265,6 +288,7 @@ def _export_torchscript(net: nn.Module, tmp: Path, example: torch.Tensor, dynami
             traced = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
         except Exception as e:  # noqa: BLE001 - tracing raises many types; say which step failed
             raise ExportError(f"torch.jit.trace failed: {type(e).__name__}: {str(e)[:2000]}") from e
+    step("torch.jit: saving and loading the traced module back")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": still the TorchScript format
         torch.jit.save(traced, str(tmp), _extra_files={md.TORCHSCRIPT_METADATA_FILE: json.dumps(meta, indent=1)})
@@ -286,7 +310,7 @@ def export_student(
     max_size: int = 2048,
     tolerance: float = 1e-4,
     verify_inputs: Sequence[str | os.PathLike] | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _say,
 ) -> ExportReport:
     """Export the student of ``ckpt`` as ``fmt`` ("onnx" or "torchscript") to ``out``; see the module docstring.
 
@@ -307,6 +331,7 @@ def export_student(
         raise ExportError(f"--ckpt {ckpt}: file not found")
     if tolerance <= 0:
         raise ExportError(f"--tolerance {tolerance}: must be > 0")
+    log(f"loading the student of {ckpt}")
     hp, dm_hp = _load_checkpoint_hparams(ckpt)
     from ..models.loading import load_student  # torch and the networks; only the plain network is kept
 
@@ -341,7 +366,7 @@ def export_network(
     max_size: int = 2048,
     tolerance: float = 1e-4,
     real: Sequence[Path] = (),
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = _say,
 ) -> ExportReport:
     """Export an eval-mode network (any registered one) with metadata ``meta``: trace, verify, write atomically.
 
@@ -349,6 +374,7 @@ def export_network(
     checkpoint. ``real``: image files for the real-image check.
     """
     out = Path(out)
+    step = _Steps(log)
     multiple = int(meta.get("size_multiple") or _size_multiple(net))
     if dynamic_size:  # the scan's recursion depth covers sides up to this, no further
         meta["max_size"] = str(max_size)
@@ -360,10 +386,12 @@ def export_network(
         # dynamic size, and always under torch.jit.trace (its shapes are traced values, not ints).
         levels = levels_for(longest_scan(net, max_size if dynamic_size else size, probe=2 * multiple))
         if fmt == "onnx":
-            run = _export_onnx(net, tmp, example, dynamic_size, max_size, multiple, levels, meta)
+            run = _export_onnx(net, tmp, example, dynamic_size, max_size, multiple, levels, meta, step)
         else:
-            run = _export_torchscript(net, tmp, example, dynamic_size, levels, meta)
-        for name, x in _verification_inputs(size, dynamic_size, multiple, max_size, real):
+            run = _export_torchscript(net, tmp, example, dynamic_size, levels, meta, step)
+        checks = _verification_inputs(size, dynamic_size, multiple, max_size, real)
+        step(f"verifying the export against eager PyTorch on {len(checks)} input sets")
+        for name, x in checks:
             with torch.no_grad():
                 ref = net(x).float().numpy()
             got = run(x)
@@ -377,6 +405,7 @@ def export_network(
             raise ExportError(f"{out}: refusing to write: the export differs from eager PyTorch by "
                               f"{report.max_abs_diff:.3e} > tolerance {tolerance:g} (max |logit difference|)")
         meta.update(verified_max_abs_diff=f"{report.max_abs_diff:.3e}", verified_tolerance=f"{tolerance:g}")
+        step("writing the verified file")
         if fmt == "onnx":  # the final metadata, then the rename: nothing half-written ever sits at `out`
             onnx = _require("onnx", "ONNX export")
             model = onnx.load(str(tmp))
