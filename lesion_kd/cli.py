@@ -22,7 +22,7 @@ SUITE_COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lesion_kd.commands.export:main", "export a checkpoint's student to ONNX or TorchScript, verified against PyTorch"),
     "reproduce-table": ("lesion_kd.commands.reproduce:main",
                         "run every unfinished cell of a manifest, then the comparison/ablation/efficiency tables and report"),
-    "segment": ("lesion_kd.commands.segment:main", "masks, overlays and segments.csv for a folder of images (ONNX, TorchScript, .ckpt)"),
+    "segment": ("lesion_kd.commands.segment:main", "masks, overlays and segments.csv for a folder of images (a shipped student by name, ONNX, TorchScript, .ckpt)"),
     "demo": ("lesion_kd.commands.demo:main",
              "the method against its supervised student on Kvasir-SEG in minutes: cache, train both, paired test, overlay"),
     "compare": ("lesion_kd.commands.compare:main",
