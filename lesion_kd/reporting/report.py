@@ -238,7 +238,10 @@ def _run_details_md(m: Manifest) -> list[str]:
 
 def _table_rows_md(m: Manifest, agg: list[dict]) -> list[str]:
     lines = ["Dice and IoU in %, HD95 and ASD in pixels of the evaluation grid; per-image mean over the test split, "
-             "then mean ± std over seeds.", ""]
+             "then mean ± std over seeds. HD95 is MONAI's: the larger of the two directed 95th percentiles of the "
+             "boundary distances (prediction to truth, truth to prediction). Most semi-supervised papers report "
+             "MedPy's `hd95`, one 95th percentile over both directions pooled, which is at or below it; runs tested "
+             "since it was added also record that one as `hd95_pooled` in metrics.json.", ""]
     by_ds: dict[str, list[dict]] = defaultdict(list)
     for r in agg:
         by_ds[r["dataset"]].append(r)
