@@ -77,7 +77,8 @@ def train(out: Path, profile: str, jobs: int) -> None:
         if n not in pending:
             print(f"[demo]   {n}: already finished ({_result_dir(out, n)})", flush=True)
     running: dict[str, tuple[subprocess.Popen, Path]] = {}
-    failed = []
+    failed: list[str] = []
+    shown: dict[str, str] = {}
     t0 = time.monotonic()
     while pending or running:
         while pending and len(running) < jobs:
@@ -96,9 +97,12 @@ def train(out: Path, profile: str, jobs: int) -> None:
                 print(f"[demo]   {name}: {state} after {(time.monotonic() - t0) / 60:.1f} min", flush=True)
                 if proc.returncode:
                     failed.append(name)
-        if running and int(time.monotonic() - t0) % 30 < 2:
+        if running and int(time.monotonic() - t0) % 30 < 2:  # every 30 s, each run's status when it changed
             for name, (_, log) in running.items():
-                print(f"[demo]   {name}: {_last_status(log)}", flush=True)
+                status = _last_status(log)
+                if status != shown.get(name):
+                    shown[name] = status
+                    print(f"[demo]   {name}: {status}", flush=True)
     if failed:
         raise SystemExit(f"lesion-kd demo: {', '.join(failed)} failed; see the fit.log named above")
 
