@@ -176,17 +176,19 @@ def test_checkpoint_holds_no_teacher_and_loads_as_a_plain_student(tmp_path):
 
 
 @pytest.mark.slow
-def test_cache_teacher_command_fills_the_cache_for_an_experiment(data_dir):
+def test_cache_teacher_command_fills_the_cache_for_an_experiment(data_dir, tmp_path):
     from helpers import lesion_kd
 
+    # a cache of its own: other tests of the session cache other images (val/test ones) in the shared one
+    env = {"LESION_KD_DATA": str(data_dir), "LESION_KD_CACHE": str(tmp_path / "cache")}
     args = ("cache-teacher", "--config", "experiments/data/kvasir-seg.yaml", "--config", "experiments/profile/smoke.yaml")
-    out = lesion_kd(*args, env_extra={"LESION_KD_DATA": str(data_dir)}, timeout=600)
+    out = lesion_kd(*args, env_extra=env, timeout=600)
     assert "teacher cache ready: 16 images of kvasir-seg (train)" in out.stdout
     cache_dir = Path(out.stdout.split(" in ")[-1].strip())
     entries = sorted(cache_dir.rglob("*.emb"))
     assert len(entries) == 16
     mtimes = [p.stat().st_mtime_ns for p in entries]
-    lesion_kd(*args, env_extra={"LESION_KD_DATA": str(data_dir)})  # a second call resumes: nothing recomputed
+    lesion_kd(*args, env_extra=env)  # a second call resumes: nothing recomputed
     assert [p.stat().st_mtime_ns for p in entries] == mtimes
 
 
