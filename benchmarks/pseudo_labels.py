@@ -27,7 +27,6 @@ import argparse
 import json
 import random
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,22 +36,13 @@ from lesion_kd.data.datamodule import LesionDataModule
 from lesion_kd.data.io import read_image
 from lesion_kd.data.prep import load_canonical, resize_mask
 from lesion_kd.models import build_teacher, load_student
+from lesion_kd.pseudo_labels import largest_box
 from lesion_kd.teacher_cache import TeacherEmbeddingCache
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     total = pred.sum() + truth.sum()
     return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
-
-
-def largest_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """x0, y0, x1, y1 of the largest connected component of a {0,1} mask, or None when it is empty."""
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if n <= 1:
-        return None
-    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    x, y, w, h = stats[k, :4]
-    return int(x), int(y), int(x + w), int(y + h)
 
 
 def main() -> None:

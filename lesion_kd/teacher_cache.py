@@ -356,6 +356,41 @@ class TeacherEmbeddingCache:
         return aligned(self.get_batch(samples), theta, size)
 
 
+class PromptFrameCache(TeacherEmbeddingCache):
+    """The teacher's image embedding in its own padded model frame: what its prompt encoder and mask decoder
+    read (:meth:`lesion_kd.models.teacher.SAMTeacher.decode_boxes`), where :class:`TeacherEmbeddingCache` keeps
+    the embedding cropped and stretched onto the canonical image (which the decoder cannot take back). Same
+    arguments, layout, atomic entries, DDP fill and resumability; entries are keyed ``<fingerprint>-frame1``
+    (own folder). Used by SemiKD+'s box-refined pseudo-labels (``SemiKDModule(pl_refine="box")``); the mask
+    decoder needs the frame, the image's input size and the valid region, which :meth:`prompt_frame` returns.
+    """
+
+    FRAME_VERSION = "frame1"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fingerprint = f"{self.fingerprint}-{self.FRAME_VERSION}"
+        self.dir = self.root / _safe_name(self.dataset) / _safe_name(self.fingerprint)
+
+    def __repr__(self) -> str:
+        return f"PromptFrameCache({str(self.dir)!r})"
+
+    def compute(self, sample: Sample, image: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's output on the padded model input, (256, 64, 64) float16 on the CPU."""
+        image = _image_tensor(sample.image) if image is None else image
+        with torch.inference_mode():
+            x, _ = self.teacher.preprocess(image)
+            encoder = self.teacher.image_encoder if self.image_encoder is None else self.image_encoder
+            return encoder(x)[0].float().to("cpu", torch.float16)
+
+    def prompt_frame(self, sample: Sample, image_size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int],
+                                                                                   tuple[int, int]]:
+        """(frame (1, 256, 64, 64) float32, valid (h, w) in the model input, the image's (H, W)): the argument
+        of ``decode_boxes`` for ``sample`` whose image is ``image_size`` = (H, W) pixels."""
+        valid = self.teacher._resized_shape(*image_size)
+        return self.get(sample).float()[None].to(self.device), tuple(valid), tuple(image_size)
+
+
 class CachedEmbeddingExtras:
     """Picklable per-sample loader for the data-loader workers: ``{"teacher_emb": (256, 64, 64) float16}`` of a
     cache (open it without a built teacher, so that it pickles light); a method's ``sample_extras``."""

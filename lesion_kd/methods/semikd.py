@@ -28,7 +28,7 @@ from ..losses import DSSLoss, PCKDLoss
 from ..losses.dss import ALIGN_STATS
 from ..models import build_model
 from .base import SegmentationModule
-from .components import check_weights, ramp
+from .components import check_weights, ramp, total_steps
 
 
 class SemiKDModule(SegmentationModule):
@@ -88,6 +88,18 @@ class SemiKDModule(SegmentationModule):
             and soft Dice (each pixel weighted by the head's |2p - 1|), ramped as the other terms. Beyond
             ``docs/method.md``'s reconstruction: the teacher teaching segmentation, not only features (issue 28).
         pl_head_hidden: hidden channels of that head (0: a linear probe).
+        pl_refine: ``none`` (the head's labels, refreshed every step) or ``box``: from step ``pl_refine_start``
+            x the run's steps on, the unlabeled images' labels are the teacher's mask decoder prompted by the
+            box of the head's canonical prediction (``lesion_kd.pseudo_labels``; the ground truth is never
+            used), computed for every unlabeled image at once and again every ``pl_refine_every`` steps as the
+            head improves, stored on the canonical grid (saved in checkpoints: exact resume) and brought onto
+            each view by its recorded geometry. Needs ``teacher_mode: cache``; the decoder reads the teacher's
+            embedding in its padded frame, a second cache (``PromptFrameCache``) filled for the unlabeled
+            images in ``setup``.
+        pl_refine_start: fraction of the run's steps after which the refined labels replace the head's.
+        pl_refine_every: steps between two refreshes of the refined labels.
+        pl_frame_encoder: how the frame cache's entries are computed (``torch``, ``onnx`` or ``hybrid``:
+            ``lesion_kd.models.teacher_fast``; hybrid, about 2x faster on CPU, within its tested tolerance).
     """
 
     method_name = "semikd"
@@ -119,7 +131,8 @@ class SemiKDModule(SegmentationModule):
 
     # options added after runs were trained, with the value that trains as before they existed: a checkpoint
     # without them resumes (``lightning_cli.changed_hparams``)
-    NEUTRAL_ADDED_OPTIONS = {"map_relation_weight": 0.0, "lambda_pl": 0.0, "pl_head_hidden": 64}
+    NEUTRAL_ADDED_OPTIONS = {"map_relation_weight": 0.0, "lambda_pl": 0.0, "pl_head_hidden": 64, "pl_refine": "none",
+                             "pl_refine_start": 0.3, "pl_refine_every": 500, "pl_frame_encoder": "torch"}
 
     def __init__(
         self,
@@ -161,6 +174,10 @@ class SemiKDModule(SegmentationModule):
         align_stats: tuple[Literal["area_mean", "area_var", "conf_mean", "conf_var"], ...] = ALIGN_STATS,
         lambda_pl: float = 0.0,
         pl_head_hidden: int = 64,
+        pl_refine: Literal["none", "box"] = "none",
+        pl_refine_start: float = 0.3,
+        pl_refine_every: int = 500,
+        pl_frame_encoder: Literal["torch", "onnx", "hybrid"] = "torch",
     ) -> None:
         super().__init__(network, network_kwargs, in_channels, num_classes, optimizer, lr, weight_decay, momentum,
                          schedule, poly_power, warmup_steps)
@@ -168,6 +185,13 @@ class SemiKDModule(SegmentationModule):
                       gamma3=gamma3, map_relation_weight=map_relation_weight, lambda_pl=lambda_pl)
         if teacher == "medsam" and teacher_checkpoint is None and kd_mode != "none":
             raise ValueError("model.teacher_checkpoint: the medsam teacher needs a checkpoint file (e.g. medsam_vit_b.pth)")
+        if pl_refine != "none" and (lambda_pl <= 0 or teacher_mode != "cache"):
+            raise ValueError(f"model.pl_refine={pl_refine!r} refines the teacher's pseudo-labels: it needs "
+                             f"model.lambda_pl > 0 (got {lambda_pl}) and model.teacher_mode: cache (got {teacher_mode!r})")
+        if not 0.0 <= pl_refine_start <= 1.0:
+            raise ValueError(f"model.pl_refine_start={pl_refine_start}: a fraction of the run, in [0, 1]")
+        if pl_refine_every < 1:
+            raise ValueError(f"model.pl_refine_every={pl_refine_every}: at least 1 step")
         if teacher_checkpoint is not None and not Path(teacher_checkpoint).expanduser().is_file():
             raise ValueError(f"model.teacher_checkpoint={teacher_checkpoint!r}: file not found")
         self.pckd = (
@@ -186,6 +210,10 @@ class SemiKDModule(SegmentationModule):
         self.pl_head = build_model("litemedsam", num_classes=num_classes, hidden=pl_head_hidden) if lambda_pl > 0 else None
         # Kept out of the module tree on purpose: the teacher is frozen and never saved with the student.
         self.__dict__["_teacher_source"] = None
+        # box-refined pseudo-labels (pl_refine="box"): (N_unlabeled, S, S) uint8 lesion probabilities x 255 on
+        # the canonical grid and the step they were computed at; saved in checkpoints (on_save_checkpoint)
+        self.__dict__["_pl_refined"] = None
+        self.__dict__["_pl_refined_step"] = None
 
     # ----------------------------------------------------------------------------------- teacher
     @property
@@ -216,6 +244,16 @@ class SemiKDModule(SegmentationModule):
         cache.fill(samples, progress=False)
         fresh = TeacherEmbeddingCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dm.dataset_name)
         self.__dict__["_sample_extras"] = CachedEmbeddingExtras(fresh)  # a cache object without a built teacher pickles light
+        if hp.get("pl_refine", "none") == "box":
+            from ..teacher_cache import PromptFrameCache
+
+            frames = PromptFrameCache(hp.teacher_cache_dir, hp.teacher, hp.teacher_checkpoint, dm.dataset_name,
+                                      encoder=hp.pl_frame_encoder, device=self.device)
+            frames.fill(dm.unlabeled, rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+                        progress=self.trainer.is_global_zero)
+            strategy.barrier("teacher-frame-cache")
+            frames.fill(dm.unlabeled, progress=False)
+            self.__dict__["_pl_refine_sources"] = (fresh, frames, list(dm.unlabeled), dm.image_size)
 
     def _teacher_embeddings(self, views: torch.Tensor, part: dict) -> torch.Tensor:
         """(B, 256, 64, 64) float32 teacher embeddings aligned with ``views`` (B, 3, S, S); computed once per batch
@@ -255,14 +293,87 @@ class SemiKDModule(SegmentationModule):
         losses["pl_head"] = self.supervised_loss(head(self._teacher_embeddings(lab["image_weak"], lab)), lab["mask"])
         total = losses["pl_head"]
         if unl is not None:
-            self.pl_head.eval()
-            with torch.no_grad():
-                q = torch.softmax(head(self._teacher_embeddings(unl["image_weak"], unl)).float(), dim=1)
-            self.pl_head.train(self.training)
+            refined = self.__dict__["_pl_refined"]
+            if refined is not None:  # the box-refined labels of the canonical images, onto the views
+                from ..data.geometry import warp_to_view
+
+                idx = torch.as_tensor(unl["index"]).cpu()
+                canon = refined[idx][:, None].to(self.device, torch.float32).div_(255)
+                q1 = warp_to_view(canon, unl["theta"].to(self.device, torch.float32), size)[:, 0]
+                q = torch.stack([1 - q1, q1], dim=1)
+            else:
+                self.pl_head.eval()
+                with torch.no_grad():
+                    q = torch.softmax(head(self._teacher_embeddings(unl["image_weak"], unl)).float(), dim=1)
+                self.pl_head.train(self.training)
             losses["pl"] = pseudo_label_loss(logits[n_lab:], q)
             self.log("train/pl_area", q[:, 1].ge(0.5).float().mean(), batch_size=n_lab)
             total = total + self.hparams.lambda_pl * ramp * losses["pl"]
         return total
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Box-refined pseudo-labels: computed at step pl_refine_start x total, then every pl_refine_every."""
+        hp = self.hparams
+        if hp.get("pl_refine", "none") == "none":
+            return
+        step, last = self.global_step, self.__dict__["_pl_refined_step"]
+        if step < round(hp.pl_refine_start * total_steps(self)):
+            return
+        if last is None or step - last >= hp.pl_refine_every:
+            self.refresh_refined_labels()
+
+    @torch.no_grad()
+    def refresh_refined_labels(self, chunk: int = 32) -> None:
+        """Label every unlabeled image with the read-out head (eval mode) on its canonical cached embedding,
+        refine each label by the teacher's mask decoder prompted with the label's box, and keep the result."""
+        import time
+
+        import torch.nn.functional as F
+        from tqdm.auto import tqdm
+
+        from ..data.io import read_image
+        from ..pseudo_labels import refine_with_boxes
+
+        sources = self.__dict__.get("_pl_refine_sources")
+        if sources is None:
+            raise RuntimeError("pl_refine: the frame cache was not set up (call fit through the CLI)")
+        embeddings, frames, samples, size = sources
+        sizes = self.__dict__.setdefault("_pl_image_hw", {})
+        was_training = self.pl_head.training
+        self.pl_head.eval()
+        t0 = time.perf_counter()
+        out, n_refined = [], 0
+        bar = tqdm(range(0, len(samples), chunk), desc=f"pseudo-labels: box refinement at step {self.global_step}",
+                   unit="chunk", disable=self._trainer is not None and not self.trainer.is_global_zero, leave=False)
+        for i in bar:
+            part = samples[i : i + chunk]
+            emb = embeddings.get_batch(part).to(self.device, torch.float32)
+            logits = F.interpolate(self.pl_head(emb).float(), size=(size, size), mode="bilinear", align_corners=False)
+            probs = torch.softmax(logits, dim=1)[:, 1]
+            for s in part:
+                if s.id not in sizes:
+                    sizes[s.id] = tuple(read_image(s.image).shape[:2])
+            prompt_frames = [frames.prompt_frame(s, sizes[s.id]) for s in part]
+            refined, was_refined = refine_with_boxes(frames.teacher, prompt_frames, probs)
+            n_refined += int(was_refined.sum())
+            out.append(refined.mul_(255).round_().to(torch.uint8))
+        self.pl_head.train(was_training)
+        self.__dict__["_pl_refined"] = torch.cat(out)
+        self.__dict__["_pl_refined_step"] = self.global_step
+        if self._trainer is not None:
+            self.log("train/pl_refined_share", n_refined / max(1, len(samples)), batch_size=1)
+            self.log("train/pl_refine_seconds", time.perf_counter() - t0, batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.__dict__["_pl_refined"] is not None:
+            checkpoint["semikd_pl_refined"] = {"labels": self.__dict__["_pl_refined"],
+                                               "step": self.__dict__["_pl_refined_step"]}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        kept = checkpoint.get("semikd_pl_refined")
+        if kept is not None:
+            self.__dict__["_pl_refined"] = kept["labels"]
+            self.__dict__["_pl_refined_step"] = kept["step"]
 
     # ---------------------------------------------------------------------------------- training
     def ramp(self) -> float:

@@ -329,8 +329,9 @@ class SAMTeacher(nn.Module):
 
     @torch.no_grad()
     def decode_boxes(self, prompt_frame: tuple[torch.Tensor, tuple[int, int], tuple[int, int]],
-                     boxes: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) lesion probabilities of one box (x0 y0 x1 y1 in input pixels) per encoded image."""
+                     boxes: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 1, H, W) lesion probabilities of one box (x0 y0 x1 y1 in input pixels) per encoded image;
+        ``size``: resample to that (h, w) instead of the images' (H, W) (the image squashed onto it)."""
         emb, (h, w), (H, W) = prompt_frame
         scale = torch.tensor([w / W, h / H, w / W, h / H], device=emb.device)
         boxes = boxes.to(device=emb.device, dtype=torch.float32) * scale
@@ -346,7 +347,7 @@ class SAMTeacher(nn.Module):
             out.append(low_res)
         logits = F.interpolate(torch.cat(out), (self.input_size, self.input_size), mode="bilinear",
                                align_corners=False)[..., :h, :w]
-        logits = F.interpolate(logits, (H, W), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, (H, W) if size is None else tuple(size), mode="bilinear", align_corners=False)
         return torch.sigmoid(logits)
 
 
