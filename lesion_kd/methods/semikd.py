@@ -253,7 +253,7 @@ class SemiKDModule(SegmentationModule):
                         progress=self.trainer.is_global_zero)
             strategy.barrier("teacher-frame-cache")
             frames.fill(dm.unlabeled, progress=False)
-            self.__dict__["_pl_refine_sources"] = (fresh, frames, list(dm.unlabeled), dm.image_size)
+            self.__dict__["_pl_refine_sources"] = (fresh, frames, list(dm.unlabeled), dm.hparams.image_size)
 
     def _teacher_embeddings(self, views: torch.Tensor, part: dict) -> torch.Tensor:
         """(B, 256, 64, 64) float32 teacher embeddings aligned with ``views`` (B, 3, S, S); computed once per batch
