@@ -36,8 +36,8 @@ from lesion_kd.data.datamodule import LesionDataModule
 from lesion_kd.data.io import read_image
 from lesion_kd.data.prep import load_canonical, resize_mask
 from lesion_kd.models import build_teacher, load_student
-from lesion_kd.pseudo_labels import largest_box
-from lesion_kd.teacher_cache import TeacherEmbeddingCache
+from lesion_kd.pseudo_labels import canonical_box_to_input, largest_box, refine_with_boxes
+from lesion_kd.teacher_cache import PromptFrameCache, TeacherEmbeddingCache
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -55,6 +55,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="unlabeled images to measure (a seeded subset; 0: all)")
     ap.add_argument("--gt-box", action="store_true", help="also the decoder prompted by the ground-truth box")
     ap.add_argument("--no-refine", action="store_true", help="the head only (no teacher encoder run)")
+    ap.add_argument("--frames", choices=["torch", "onnx", "hybrid"],
+                    help="refine from the prompt-frame cache of that encoder (PromptFrameCache, filled here if "
+                         "needed) through lesion_kd.pseudo_labels.refine_with_boxes, the training code path, "
+                         "instead of running the encoder again per image; --gt-box still runs the decoder only")
     ap.add_argument("--json", help="write the per-image figures here")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -68,7 +72,11 @@ def main() -> None:
     head = load_student(args.checkpoint)
     cache = TeacherEmbeddingCache(dataset=dm.dataset_name)
     cache.fill(samples)  # the unlabeled images' entries (already there when a SemiKD run filled the cache)
-    teacher = None if args.no_refine else build_teacher("litemedsam")
+    frames = None
+    if args.frames and not args.no_refine:
+        frames = PromptFrameCache(dataset=dm.dataset_name, encoder=args.frames)
+        frames.fill(samples)
+    teacher = None if args.no_refine else (frames.teacher if frames is not None else build_teacher("litemedsam"))
 
     rows = []
     for s in tqdm(samples, desc=f"{args.dataset}: pseudo-labels", unit="img"):
@@ -83,7 +91,17 @@ def main() -> None:
         row = {"id": s.id, "head": dice(pred, truth), "confident_share": float(confident.mean()),
                "confident_accuracy": float((pred == truth)[confident].mean()) if confident.any() else float("nan"),
                "truth_area": float(truth.mean()), "head_area": float(pred.mean())}
-        if teacher is not None:
+        if frames is not None:
+            hw = read_image(s.image).shape[:2]
+            frame = frames.prompt_frame(s, hw)
+            refined, _ = refine_with_boxes(teacher, [frame], torch.from_numpy(prob)[None])
+            row["box"] = dice(refined[0].numpy() >= 0.5, truth)
+            if args.gt_box:
+                box = largest_box(truth.astype(np.uint8))
+                row["gt box"] = dice(np.zeros_like(truth), truth) if box is None else dice(
+                    teacher.decode_boxes(frame, canonical_box_to_input(box, args.size, hw),
+                                         size=(args.size, args.size))[0, 0].numpy() >= 0.5, truth)
+        elif teacher is not None:
             img = read_image(s.image)
             h, w = img.shape[:2]
             x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
