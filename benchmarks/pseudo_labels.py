@@ -96,11 +96,9 @@ def main() -> None:
             frame = frames.prompt_frame(s, hw)
             refined, _ = refine_with_boxes(teacher, [frame], torch.from_numpy(prob)[None])
             row["box"] = dice(refined[0].numpy() >= 0.5, truth)
-            if args.gt_box:
-                box = largest_box(truth.astype(np.uint8))
-                row["gt box"] = dice(np.zeros_like(truth), truth) if box is None else dice(
-                    teacher.decode_boxes(frame, canonical_box_to_input(box, args.size, hw),
-                                         size=(args.size, args.size))[0, 0].numpy() >= 0.5, truth)
+            if args.gt_box:  # the same refinement, prompted by the box of the true mask
+                refined, _ = refine_with_boxes(teacher, [frame], torch.from_numpy(truth.astype(np.float32))[None])
+                row["gt box"] = dice(refined[0].numpy() >= 0.5, truth)
         elif teacher is not None:
             img = read_image(s.image)
             h, w = img.shape[:2]
@@ -113,9 +111,7 @@ def main() -> None:
                 if box is None:
                     row[name] = dice(np.zeros_like(truth), truth)
                     continue
-                sx, sy = w / args.size, h / args.size  # canonical grid -> input pixels
-                b = torch.tensor([[box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]], dtype=torch.float32)
-                p = teacher.decode_boxes(frame, b)[0, 0].numpy()
+                p = teacher.decode_boxes(frame, canonical_box_to_input(box, args.size, (h, w)))[0, 0].numpy()
                 refined = resize_mask((p >= 0.5).astype(np.uint8), args.size).astype(bool)
                 row[name] = dice(refined, truth)
         rows.append(row)

@@ -193,6 +193,8 @@ class TeacherEmbeddingCache:
             Default :func:`default_encoder` (``torch`` unless ``$LESION_KD_TEACHER_ENCODER`` says otherwise).
     """
 
+    KEY_SUFFIX = ""  # appended to the entries' key by caches of another kind of entry (PromptFrameCache)
+
     def __init__(self, cache_dir: str | os.PathLike | None = None, teacher_name: str = "litemedsam",
                  checkpoint: str | os.PathLike | None = None, dataset: str = "kvasir-seg", *,
                  teacher: nn.Module | None = None, teacher_kwargs: dict | None = None,
@@ -208,7 +210,7 @@ class TeacherEmbeddingCache:
         fingerprint = teacher.fingerprint if teacher is not None else teacher_fingerprint(
             teacher_name, checkpoint, **self.teacher_kwargs)
         self.teacher_fingerprint: str = fingerprint  # the teacher's own identity
-        self.fingerprint: str = encoder_fingerprint(fingerprint, self.encoder)  # the entries' key
+        self.fingerprint: str = encoder_fingerprint(fingerprint, self.encoder) + self.KEY_SUFFIX  # the entries' key
         self._image_encoder: nn.Module | None = None
         self.dir = self.root / _safe_name(dataset) / _safe_name(self.fingerprint)
 
@@ -365,12 +367,7 @@ class PromptFrameCache(TeacherEmbeddingCache):
     decoder needs the frame, the image's input size and the valid region, which :meth:`prompt_frame` returns.
     """
 
-    FRAME_VERSION = "frame1"
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.fingerprint = f"{self.fingerprint}-{self.FRAME_VERSION}"
-        self.dir = self.root / _safe_name(self.dataset) / _safe_name(self.fingerprint)
+    KEY_SUFFIX = "-frame1"
 
     def __repr__(self) -> str:
         return f"PromptFrameCache({str(self.dir)!r})"

@@ -90,6 +90,20 @@ def method_config(name: str) -> dict:
     return yaml.safe_load((REPO / "experiments" / "method" / f"{name}.yaml").read_text())["model"]
 
 
+def view_geometries(n: int, crop: tuple[int, int, int, int]) -> dict:
+    """name -> (theta, the same augmentation as an image operation on a canonical (B, C, n, n) map), for identity,
+    hflip, rot90 and the crop ``(x0, y0, w, h)`` in cells: what a view's recorded geometry means, to check that
+    something warped by ``theta`` (geometry.warp_to_view) is the canonical map moved by the augmentation."""
+    x0, y0, w, h = crop
+    return {
+        "identity": (torch.eye(2, 3), lambda m: m),
+        "hflip": (torch.tensor([[-1.0, 0, 0], [0, 1, 0]]), lambda m: m.flip(-1)),
+        "rot90": (torch.tensor([[0.0, -1, 0], [1, 0, 0]]), lambda m: m.rot90(1, (-2, -1))),
+        "crop": (torch.tensor([[w / n, 0, (2 * x0 + w) / n - 1], [0, h / n, (2 * y0 + h) / n - 1]]),
+                 lambda m: m[..., y0 : y0 + h, x0 : x0 + w]),
+    }
+
+
 def batch(n_lab: int = 2, n_unl: int = 2, size: int = 32, seed: int = 0) -> dict:
     """A semi-supervised training batch: ``labeled`` and ``unlabeled`` parts of random images, one box lesion."""
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import view_geometries
 
 from lesion_kd.data.geometry import warp_to_view
 from lesion_kd.losses import confidence_weights, pseudo_label_loss
@@ -54,14 +55,8 @@ def test_shapes_are_checked():
         pseudo_label_loss(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 4, 4))
 
 
-# name -> (theta, the augmentation as an image operation on a canonical (B, C, 64, 64) map)
-GEOMETRIES = {
-    "identity": (torch.eye(2, 3), lambda m: m),
-    "hflip": (torch.tensor([[-1.0, 0, 0], [0, 1, 0]]), lambda m: m.flip(-1)),
-    "rot90": (torch.tensor([[0.0, -1, 0], [1, 0, 0]]), lambda m: m.rot90(1, (-2, -1))),
-    "crop": (torch.tensor([[40 / 64, 0, (2 * 10 + 40) / 64 - 1], [0, 52 / 64, (2 * 4 + 52) / 64 - 1]]),
-             lambda m: m[..., 4:56, 10:50]),
-}
+# name -> (theta, the augmentation on a canonical (B, C, 64, 64) map); the crop keeps rows 4:56, columns 10:50
+GEOMETRIES = view_geometries(64, crop=(10, 4, 40, 52))
 
 
 @pytest.mark.parametrize("name", list(GEOMETRIES))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import view_geometries
 
 from lesion_kd.data.folder import Sample
 from lesion_kd.methods import SemiKDModule
@@ -62,14 +63,8 @@ def test_refinement_prompts_with_the_labels_box_and_keeps_an_empty_label():
     assert torch.equal(out[1], probs[1])  # the read-out's own (empty) label kept
 
 
-# name -> (theta, the augmentation as an image operation on a canonical (B, C, S, S) map), S = 32
-GEOMETRIES = {
-    "identity": (torch.eye(2, 3), lambda m: m),
-    "hflip": (torch.tensor([[-1.0, 0, 0], [0, 1, 0]]), lambda m: m.flip(-1)),
-    "rot90": (torch.tensor([[0.0, -1, 0], [1, 0, 0]]), lambda m: m.rot90(1, (-2, -1))),
-    "crop": (torch.tensor([[24 / 32, 0, (2 * 4 + 24) / 32 - 1], [0, 24 / 32, (2 * 2 + 24) / 32 - 1]]),
-             lambda m: m[..., 2:26, 4:28]),
-}
+# name -> (theta, the augmentation on a canonical (B, C, 32, 32) map); the crop keeps rows 2:26, columns 4:28
+GEOMETRIES = view_geometries(32, crop=(4, 2, 24, 24))
 
 
 def refine_module(**kw) -> SemiKDModule:

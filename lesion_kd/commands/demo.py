@@ -6,8 +6,9 @@ On Kvasir-SEG (from ``$LESION_KD_DATA`` or ``--data_dir``), with the demo profil
 1. fills the teacher's embedding cache for the images the method trains on (LiteMedSAM; the ``hybrid`` encoder,
    about 2x faster than the default, unless ``$LESION_KD_TEACHER_ENCODER`` says otherwise), with a progress bar;
 2. trains SemiKD+ (``experiments/method/semikd_plus.yaml``: the paper's method plus the teacher's
-   pseudo-labels; here the read-out head's own labels, ``pl_refine: none``, to stay within 15 minutes) and ``semikd_sup`` (the same student, recipe, views, split and budget, without the teacher)
-   side by side, one thread each, printing a status line per run as they go;
+   pseudo-labels; here the read-out head's own labels, ``pl_refine: none``, to stay within 15 minutes) and
+   ``semikd_sup`` (the same student, recipe, views, split and budget, without the teacher) side by side, one
+   thread each, printing a status line per run as they go;
 3. tests both on the 100 standard Kvasir-SEG test images and prints their Dice and HD95 beside each other, the
    paired per-image difference (``lesion-kd compare``), and writes ``overlay.png``: test images with the
    ground truth and both students' masks.
