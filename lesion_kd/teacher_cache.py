@@ -173,6 +173,31 @@ def aligned(embeddings: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]
     return warp_to_view(embeddings.to(theta.device, torch.float32), theta.to(torch.float32), size)
 
 
+def aligned_coarse(embeddings: torch.Tensor, theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Canonical embeddings (B, C, 64, 64) onto views with geometry ``theta`` (B, 2, 3), at a coarse grid ``size``.
+
+    The cheap path of L_pckd's teacher side (``SemiKDModule(kd_grid="student")``, issue 29): the embedding is
+    average-pooled to the coarsest power-of-two fraction of its grid that is still at least four times ``size``
+    (64 -> 32 for the student's 5x5 or 8x8 bottleneck), warped onto the view at that grid, then resized to
+    ``size`` (anti-aliased bilinear, :func:`lesion_kd.losses.pckd.resize_features`). Against ``aligned`` at 64x64
+    followed by the same resize it differs only by the warp's interpolation at the pooled grid (per-cell cosine
+    >= 0.99, tests/test_semikd.py; at twice the size the resize's own smoothing already differs by 0.5%); the warp
+    costs a quarter. Returns float32 (B, C, *size) on ``theta``'s device.
+    """
+    from .losses.pckd import resize_features
+
+    size = (int(size[0]), int(size[1]))
+    grid = embeddings.shape[-1]
+    inter = grid
+    while inter % 2 == 0 and inter // 2 >= 4 * max(size) and embeddings.shape[-2] == grid:
+        inter //= 2
+    x = embeddings.to(theta.device, torch.float32)
+    if inter < grid:
+        x = F.avg_pool2d(x, grid // inter)
+    x = warp_to_view(x, theta.to(torch.float32), tuple(x.shape[-2:]))
+    return resize_features(x, size)
+
+
 def _image_tensor(path: Path) -> torch.Tensor:
     """(1, 3, H, W) float in [0, 1] from any image file."""
     return torch.tensor(read_image(path)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)  # copies: read-only array

@@ -226,3 +226,57 @@ def test_each_ablation_config_publishes_its_results_under_its_own_name(row):
     args = yaml.safe_load((Path(__file__).parents[1] / f"experiments/method/{row}.yaml").read_text())["model"]["init_args"]
     module = SemiKDModule(**{**args, "teacher_mode": "cache"})
     assert module.results_name == row
+
+
+def test_aligned_coarse_matches_the_full_warp_then_resize_and_costs_a_pooled_grid():
+    # issue 29's cheap teacher side: pool -> warp at the pooled grid -> resize, against the full 64x64 warp -> resize
+    from lesion_kd.losses.pckd import resize_features
+    from lesion_kd.teacher_cache import aligned, aligned_coarse
+
+    g = torch.Generator().manual_seed(0)
+    # a smooth embedding (the teacher's is spatially correlated): low-frequency fields upsampled to 64x64
+    emb = resize_features(torch.randn(4, 256, 8, 8, generator=g), (64, 64)).half()
+    theta = torch.eye(2, 3).repeat(4, 1, 1)
+    theta[1, 0, 0] = -1.0  # horizontal flip
+    theta[2] = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]])  # rot90
+    theta[3] = torch.tensor([[0.6, 0.0, 0.2], [0.0, 0.6, -0.3]])  # a crop
+    for grid in [(5, 5), (8, 8), (16, 16)]:
+        coarse = aligned_coarse(emb, theta, grid)
+        full = resize_features(aligned(emb, theta, (64, 64)), grid)
+        assert coarse.shape == (4, 256, *grid) and coarse.dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(coarse, full, dim=1)
+        assert cos.min() > 0.999, (grid, cos.min())
+    # the identity view at the teacher's own grid is the embedding itself (no pooling below 2x the target)
+    assert torch.allclose(aligned_coarse(emb[:1], torch.eye(2, 3)[None], (64, 64)), emb[:1].float(), atol=1e-3)
+
+
+def test_kd_grid_student_feeds_the_projector_on_the_students_grid_and_trains_it():
+    b = batch(size=64)
+    seen = {}
+    m = module(kd_grid="student", ramp_fraction=0.0)
+    forward = m.pckd.forward
+
+    def spy(feats, emb, decode=None):
+        seen["emb"], seen["f_s"] = tuple(emb.shape), tuple(feats[-1].shape)
+        return forward(feats, emb, decode)
+
+    m.pckd.forward = spy
+    loss = m.training_step(b, 0)
+    loss.backward()
+    assert seen["emb"][2:] == seen["f_s"][2:] and seen["emb"][1] == 256  # the teacher's channels, the student's grid
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.pckd.projector.parameters())
+    # the default keeps the committed runs' 64x64 path
+    m2 = module(ramp_fraction=0.0)
+    m2.pckd.forward = spy
+    m2.training_step(b, 0)
+    assert seen["emb"][2:] == (64, 64)
+    # an older checkpoint (no kd_grid) resumes as the 64x64 path
+    assert SemiKDModule.NEUTRAL_ADDED_OPTIONS["kd_grid"] == "teacher"
+
+
+def test_the_methods_config_uses_the_students_grid_and_semikd_plus_keeps_its_runs_path():
+    def init(name):
+        return yaml.safe_load((REPO / "experiments" / "method" / f"{name}.yaml").read_text())["model"]["init_args"]
+
+    assert init("semikd")["kd_grid"] == "student"
+    assert init("semikd_plus").get("kd_grid", "teacher") == "teacher"

@@ -47,6 +47,13 @@ class SemiKDModule(SegmentationModule):
         kd_mode: ``pckd`` (L_map + beta * L_resp), ``map`` (L_map only), ``featkd`` (plain FitNets feature
             KD, the ablation alternative) or ``none`` (no distillation).
         kd_on_unlabeled: distil on unlabeled views too (not only labeled ones).
+        kd_grid: where L_pckd's teacher side works. ``teacher``: the cached embedding is warped onto each view at
+            the teacher's 64x64 grid and the projector's 1x1 conv, GroupNorm and GELU run there before the
+            anti-aliased resize to the student's deepest grid (the committed runs before issue 29; about half of a
+            160-px training step on CPU, mostly the backward of that 64x64 stage). ``student``: the embedding is
+            pooled, warped and resized to the student's grid first, without gradient
+            (``lesion_kd.teacher_cache.aligned_coarse``), and the whole projector runs there. Changes the math
+            (the projector's normalisation and activation see the pooled embedding); docs/method.md, 4.10.
         beta: weight of L_resp inside L_pckd.
         perturbation: shared perturbation of L_resp: ``noise``, ``channel_dropout``, ``feature_drop`` or ``none``.
         perturbation_strength: its strength (noise amplitude a, or the dropout probability).
@@ -132,7 +139,8 @@ class SemiKDModule(SegmentationModule):
     # options added after runs were trained, with the value that trains as before they existed: a checkpoint
     # without them resumes (``lightning_cli.changed_hparams``)
     NEUTRAL_ADDED_OPTIONS = {"map_relation_weight": 0.0, "lambda_pl": 0.0, "pl_head_hidden": 64, "pl_refine": "none",
-                             "pl_refine_start": 0.3, "pl_refine_every": 500, "pl_frame_encoder": "torch"}
+                             "pl_refine_start": 0.3, "pl_refine_every": 500, "pl_frame_encoder": "torch",
+                             "kd_grid": "teacher"}
 
     def __init__(
         self,
@@ -156,6 +164,7 @@ class SemiKDModule(SegmentationModule):
         ramp_fraction: float = 0.3,
         kd_mode: Literal["pckd", "map", "featkd", "none"] = "pckd",
         kd_on_unlabeled: bool = True,
+        kd_grid: Literal["teacher", "student"] = "teacher",
         beta: float = 1.0,
         perturbation: Literal["noise", "channel_dropout", "feature_drop", "none"] = "noise",
         perturbation_strength: float = 0.3,
@@ -273,6 +282,18 @@ class SemiKDModule(SegmentationModule):
                 emb = src.view_embeddings(None, views.float(), part["theta"], (64, 64))
         part["_teacher_emb_view"] = (views, emb)
         return emb
+
+    def _kd_embeddings(self, part: dict, grid: tuple[int, int]) -> torch.Tensor:
+        """L_pckd's teacher input for the weak views of ``part``: (B, 256, 64, 64) with ``kd_grid: teacher``, else
+        the embedding already on the student's deepest ``grid`` (no gradient: the teacher is frozen)."""
+        if self.hparams.get("kd_grid", "teacher") == "teacher":
+            return self._teacher_embeddings(part["image_weak"], part)
+        from ..losses.pckd import resize_features
+        from ..teacher_cache import aligned_coarse
+
+        if "teacher_emb" in part and "_teacher_emb_view" not in part:
+            return aligned_coarse(part["teacher_emb"], part["theta"], grid)
+        return resize_features(self._teacher_embeddings(part["image_weak"], part), grid)  # online, or already warped
 
     def _pseudo_label_terms(self, lab: dict, unl: dict | None, logits: torch.Tensor, n_lab: int, ramp: float,
                             losses: dict) -> torch.Tensor:
@@ -398,7 +419,8 @@ class SemiKDModule(SegmentationModule):
         if self.pckd is not None:
             parts = [lab] + ([unl] if use_unl and hp.kd_on_unlabeled else [])
             n_kd = sum(p["image_weak"].shape[0] for p in parts)
-            emb = torch.cat([self._teacher_embeddings(p["image_weak"], p) for p in parts]).to(feats[-1].dtype)
+            grid = tuple(feats[-1].shape[-2:])
+            emb = torch.cat([self._kd_embeddings(p, grid) for p in parts]).to(feats[-1].dtype)
             kd_feats = [f[:n_kd] for f in feats]
             terms = self.pckd(kd_feats, emb, self.net.decode)
             losses.update({f"kd_{k}": v for k, v in terms.items() if k != "pckd"})
