@@ -11,7 +11,10 @@ LABELS ?= 0.1
 
 .PHONY: install test test-fast demo lint clean-runs reproduce-table readme-results
 
+# The help texts of `lesion-kd fit/validate/test/predict --help`, built ahead so that even the first one prints
+# without importing Lightning (lesion_kd/help_cache.py); a no-op while the code is unchanged.
 install: $(VENV)/.installed
+	@$(PY) -m lesion_kd.help_cache
 
 # Re-runs only when pyproject.toml changes; torch is pinned in the same pip command as the packages that
 # need torchvision (see docs), so pip cannot pull a different torch.

@@ -9,9 +9,14 @@ The text only changes when the code does, so the first ``lesion-kd <command> --h
 
 A cached text is used only for exactly ``lesion-kd <command> --help`` (or ``-h``: with any other argument,
 a ``--config`` say, the help is built as usual) and only while everything it depends on is as it was: the
-command line and the program's name, the interpreter, the terminal's width (the text is wrapped to it), every source file of
-lesion_kd (path, size and modification time) and the installed Lightning, jsonargparse, torch and
-torchmetrics (their package files' size and modification time). ``LESION_KD_HELP_CACHE=0`` turns it off.
+command line and the program's name, the interpreter, every source file of lesion_kd (path, size and
+modification time) and the installed Lightning, jsonargparse, torch and torchmetrics (their package files' size
+and modification time). ``LESION_KD_HELP_CACHE=0`` turns it off.
+
+These texts are wrapped at ``HELP_COLUMNS`` (80) whatever the terminal's width, so that one text serves every
+terminal, and ``make install`` (so ``make test`` and ``make demo`` too) builds them ahead
+(``python -m lesion_kd.help_cache``): even the first ``lesion-kd fit --help`` after an install or a change of
+the code prints without importing Lightning, whose import alone takes 6-8 s on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +32,9 @@ ENV = "LESION_KD_HELP_CACHE"
 # the packages whose code makes the help text: their signatures, docstrings and the help formatter
 PACKAGES = ("lightning", "jsonargparse", "torch", "torchmetrics", "docstring_parser")
 PACKAGE_ROOT = Path(__file__).resolve().parent
-VERSION = 1  # of the key's recipe
+VERSION = 2  # of the key's recipe (2: fixed width, no terminal width in the key)
+HELP_COLUMNS = 80  # the width every cached help is wrapped to (argparse reads $COLUMNS)
+COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def cacheable(argv: list[str]) -> bool:
@@ -69,8 +75,7 @@ def package_fingerprint(names=PACKAGES) -> list:
 def key(argv: list[str], root: Path = PACKAGE_ROOT) -> str:
     # the program name heads the usage line: `lesion-kd`, or `cli.py` under `python -m lesion_kd.cli`
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    parts = [VERSION, argv, prog, sys.version, sys.executable, shutil.get_terminal_size().columns,
-             source_fingerprint(root), package_fingerprint()]
+    parts = [VERSION, argv, prog, sys.version, sys.executable, source_fingerprint(root), package_fingerprint()]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
 
 
@@ -104,6 +109,8 @@ def run_and_keep(argv: list[str], run) -> int:
         return run()
     real, tee = sys.stdout, _Tee(sys.stdout)
     sys.stdout = tee
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_COLUMNS)  # one width for every terminal: the text is not keyed by it
     try:
         return run()
     except SystemExit as stop:
@@ -116,6 +123,10 @@ def run_and_keep(argv: list[str], run) -> int:
         raise
     finally:
         sys.stdout = real
+        if columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = columns
 
 
 def store(argv: list[str], text: str) -> None:
@@ -127,3 +138,37 @@ def store(argv: list[str], text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def warm(commands=COMMANDS, prog: str = "lesion-kd") -> list[str]:
+    """Build and keep the help of ``lesion-kd <command> --help`` for each command whose cached text is missing or
+    stale (one Lightning import for all of them); returns the commands built. ``make install`` runs it."""
+    from .cli import main
+
+    argv0 = sys.argv[0] if sys.argv else ""
+    sys.argv[:1] = [prog]  # the key and the usage line name the program as the console script does
+    try:
+        stale = [c for c in commands if cached([c, "--help"]) is None] if cacheable(["fit", "--help"]) else []
+        for command in stale:
+            real, sys.stdout = sys.stdout, io.StringIO()
+            try:
+                main([command, "--help"])
+            except SystemExit as stop:
+                if stop.code not in (0, None):
+                    raise RuntimeError(f"lesion-kd {command} --help failed (exit {stop.code})") from None
+            finally:
+                sys.stdout = real
+    finally:
+        if sys.argv:
+            sys.argv[0] = argv0
+    return stale
+
+
+if __name__ == "__main__":
+    import time
+
+    t0 = time.perf_counter()
+    built = warm()
+    if built:
+        print(f"lesion-kd: help of {', '.join(built)} built in {time.perf_counter() - t0:.1f} s and kept in "
+              f"{cache_dir()} (`lesion-kd <command> --help` prints it without importing Lightning)")

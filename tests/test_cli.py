@@ -95,6 +95,30 @@ def test_fit_help_comes_from_the_cache_the_second_time_without_lightning(tmp_pat
     assert not cacheable(["fit", "--config", "x.yaml", "--help"]) and cacheable(["test", "-h"])
 
 
+def test_make_install_builds_every_help_ahead_and_one_text_serves_every_terminal_width(tmp_path):
+    # `python -m lesion_kd.help_cache` (make install) builds the four helps in one process; afterwards even the
+    # first `lesion-kd fit --help` prints without Lightning, and the text does not depend on $COLUMNS
+    env = {**os.environ, "LESION_KD_CACHE": str(tmp_path)}
+    warm = subprocess.run([sys.executable, "-m", "lesion_kd.help_cache"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    assert "help of fit, validate, test, predict built" in warm.stdout
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "help").glob("*.txt")) == ["fit", "predict", "test", "validate"]
+    again = subprocess.run([sys.executable, "-m", "lesion_kd.help_cache"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout == ""  # nothing stale: nothing built
+    code = ("import sys; sys.argv[0] = 'lesion-kd'; from lesion_kd.cli import main\n"
+            "try:\n    rc = main(['fit', '--help'])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('rc', rc, 'lightning' in sys.modules, file=sys.stderr)")
+    texts = []
+    for columns in ("60", "200"):
+        run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "COLUMNS": columns},
+                             capture_output=True, text=True, timeout=300)
+        assert run.stderr.splitlines()[-1] == "rc 0 False", run.stderr[-3000:]
+        texts.append(run.stdout)
+    assert texts[0] == texts[1] and "--data.labeled_fraction" in texts[0] and texts[0].startswith("usage: lesion-kd")
+
+
 def test_the_help_cache_key_follows_the_source_files(tmp_path, monkeypatch):
     from lesion_kd import help_cache
 
