@@ -14,7 +14,7 @@ LABELS ?= 0.1
 # The help texts of `lesion-kd fit/validate/test/predict --help`, built ahead so that even the first one prints
 # without importing Lightning (lesion_kd/help_cache.py); a no-op while the code is unchanged.
 install: $(VENV)/.installed
-	@$(PY) -m lesion_kd.help_cache
+	@$(PY) -m lesion_kd.commands.help_texts
 
 # Re-runs only when pyproject.toml changes; torch is pinned in the same pip command as the packages that
 # need torchvision (see docs), so pip cannot pull a different torch.

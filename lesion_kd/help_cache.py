@@ -15,7 +15,7 @@ and modification time). ``LESION_KD_HELP_CACHE=0`` turns it off.
 
 These texts are wrapped at ``HELP_COLUMNS`` (80) whatever the terminal's width, so that one text serves every
 terminal, and ``make install`` (so ``make test`` and ``make demo`` too) builds them ahead
-(``python -m lesion_kd.help_cache``): even the first ``lesion-kd fit --help`` after an install or a change of
+(``python -m lesion_kd.commands.help_texts``): even the first ``lesion-kd fit --help`` after an install or a change of
 the code prints without importing Lightning, whose import alone takes 6-8 s on a busy 2-core machine.
 """
 
@@ -139,36 +139,3 @@ def store(argv: list[str], text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
-
-def warm(commands=COMMANDS, prog: str = "lesion-kd") -> list[str]:
-    """Build and keep the help of ``lesion-kd <command> --help`` for each command whose cached text is missing or
-    stale (one Lightning import for all of them); returns the commands built. ``make install`` runs it."""
-    from .cli import main
-
-    argv0 = sys.argv[0] if sys.argv else ""
-    sys.argv[:1] = [prog]  # the key and the usage line name the program as the console script does
-    try:
-        stale = [c for c in commands if cached([c, "--help"]) is None] if cacheable(["fit", "--help"]) else []
-        for command in stale:
-            real, sys.stdout = sys.stdout, io.StringIO()
-            try:
-                main([command, "--help"])
-            except SystemExit as stop:
-                if stop.code not in (0, None):
-                    raise RuntimeError(f"lesion-kd {command} --help failed (exit {stop.code})") from None
-            finally:
-                sys.stdout = real
-    finally:
-        if sys.argv:
-            sys.argv[0] = argv0
-    return stale
-
-
-if __name__ == "__main__":
-    import time
-
-    t0 = time.perf_counter()
-    built = warm()
-    if built:
-        print(f"lesion-kd: help of {', '.join(built)} built in {time.perf_counter() - t0:.1f} s and kept in "
-              f"{cache_dir()} (`lesion-kd <command> --help` prints it without importing Lightning)")

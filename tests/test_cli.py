@@ -96,15 +96,15 @@ def test_fit_help_comes_from_the_cache_the_second_time_without_lightning(tmp_pat
 
 
 def test_make_install_builds_every_help_ahead_and_one_text_serves_every_terminal_width(tmp_path):
-    # `python -m lesion_kd.help_cache` (make install) builds the four helps in one process; afterwards even the
+    # `python -m lesion_kd.commands.help_texts` (make install) builds the four helps in one process; afterwards even the
     # first `lesion-kd fit --help` prints without Lightning, and the text does not depend on $COLUMNS
     env = {**os.environ, "LESION_KD_CACHE": str(tmp_path)}
-    warm = subprocess.run([sys.executable, "-m", "lesion_kd.help_cache"], cwd=REPO, env=env, capture_output=True,
+    warm = subprocess.run([sys.executable, "-m", "lesion_kd.commands.help_texts"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert warm.returncode == 0, warm.stderr[-3000:]
     assert "help of fit, validate, test, predict built" in warm.stdout
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "help").glob("*.txt")) == ["fit", "predict", "test", "validate"]
-    again = subprocess.run([sys.executable, "-m", "lesion_kd.help_cache"], cwd=REPO, env=env, capture_output=True,
+    again = subprocess.run([sys.executable, "-m", "lesion_kd.commands.help_texts"], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0 and again.stdout == ""  # nothing stale: nothing built
     code = ("import sys; sys.argv[0] = 'lesion-kd'; from lesion_kd.cli import main\n"
