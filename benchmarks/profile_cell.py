@@ -72,6 +72,7 @@ class PhaseTimer(pl.Callback):
         self._wrap(net, "decode", "student decoder")
         self._wrap(module, "supervised_loss", "L_sup (loss)")
         for attr, name in [("_teacher_embeddings", "teacher embeddings (warp)"),
+                           ("_kd_embeddings", "teacher embeddings (warp)"),  # kd_grid: student's pool + warp + resize
                            ("_pseudo_label_terms", "L_pl (head + loss)")]:
             if hasattr(module, attr):
                 self._wrap(module, attr, name)
