@@ -266,3 +266,21 @@ def test_a_file_with_a_marker_twice_or_missing_is_refused_unchanged(tmp_path, ca
     assert "needs the markers <!-- headline:begin --> and <!-- headline:end -->" in capsys.readouterr().err
     assert main(["--profile", manifest, "--readme", str(tmp_path / "missing.md")]) == 2
     assert "missing.md: no such file" in capsys.readouterr().err
+
+
+def test_a_rows_command_sets_an_option_its_method_config_changed_since_the_cell_trained(tmp_path):
+    # semikd.yaml moved to kd_grid: student (issue 29); cells trained before (no kd_grid in their resolved config:
+    # the 64x64 path) reproduce only with the earlier value on their command line
+    from lesion_kd.reporting.readme import trained_overrides
+
+    method = tmp_path / "semikd.yaml"
+    method.write_text(yaml.safe_dump({"model": {"init_args": {"kd_grid": "student", "lr": 0.001}}}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"lr": 0.001}}}))
+    assert trained_overrides(run, method) == ["--model.init_args.kd_grid", "teacher"]
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"kd_grid": "student"}}}))
+    assert trained_overrides(run, method) == []  # trained as the config says today
+    method.write_text(yaml.safe_dump({"model": {"init_args": {"lr": 0.001}}}))
+    assert trained_overrides(run, method) == []  # a config that does not set the option: its commands unchanged
+    assert trained_overrides(tmp_path / "missing", method) == []

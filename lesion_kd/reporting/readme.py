@@ -120,9 +120,36 @@ def superseded_losses(run_dir: Path) -> list[str]:
     return found
 
 
+# method options whose value in a method config changed after cells were trained with the earlier one, with the
+# value a resolved config without the key trained with: a row's command sets the value its cells trained with
+# (docs/method.md, 4.9), so that it reproduces them
+CHANGED_CONFIG_OPTIONS = {"kd_grid": "teacher"}
+
+
+def trained_overrides(run_dir: Path, method_config: Path) -> list[str]:
+    """``--model.init_args.KEY VALUE`` for each of ``CHANGED_CONFIG_OPTIONS`` whose value in the cell's resolved
+    ``config.yaml`` differs from what ``method_config`` sets today (empty when they agree or either is missing)."""
+    import yaml
+
+    cfg, method = run_dir / "config.yaml", Path(method_config)
+    if not cfg.is_file() or not method.is_file():
+        return []
+    trained = (((yaml.safe_load(cfg.read_text()) or {}).get("model") or {}).get("init_args") or {})
+    today = (((yaml.safe_load(method.read_text()) or {}).get("model") or {}).get("init_args") or {})
+    out = []
+    for key, before in CHANGED_CONFIG_OPTIONS.items():
+        if key in today and trained.get(key, before) != today[key]:
+            out += [f"--model.init_args.{key}", str(trained.get(key, before))]
+    return out
+
+
 def fit_command(m: Manifest, cell: Cell, seeds: list[int]) -> str:
-    """The ``lesion-kd fit`` command of a row: the cell's own arguments, without reproduce-table's bookkeeping."""
-    cmd = "lesion-kd fit " + " ".join(cell_args(m, cell))
+    """The ``lesion-kd fit`` command of a row: the cell's own arguments, without reproduce-table's bookkeeping,
+    plus the value of an option its method's config has changed since the cell was trained (``trained_overrides``)."""
+    from .manifest import REPO
+
+    cmd = "lesion-kd fit " + " ".join(cell_args(m, cell) + trained_overrides(
+        cell_dir(m, cell), REPO / "experiments" / "method" / f"{cell.method}.yaml"))
     if seeds != [0]:
         cmd += " --seed_everything " + ("{" + ",".join(map(str, seeds)) + "}" if len(seeds) > 1 else str(seeds[0]))
     return f"`{cmd}`"
