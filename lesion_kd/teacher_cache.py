@@ -187,10 +187,10 @@ def aligned_coarse(embeddings: torch.Tensor, theta: torch.Tensor, size: Sequence
     from .losses.pckd import resize_features
 
     size = (int(size[0]), int(size[1]))
-    grid = embeddings.shape[-1]
-    inter = grid
-    while inter % 2 == 0 and inter // 2 >= 4 * max(size) and embeddings.shape[-2] == grid:
-        inter //= 2
+    grid = inter = embeddings.shape[-1]
+    if embeddings.shape[-2] == grid:  # square, as the teacher's 64x64: halve while 4x the target is kept
+        while inter % 2 == 0 and inter // 2 >= 4 * max(size):
+            inter //= 2
     x = embeddings.to(theta.device, torch.float32)
     if inter < grid:
         x = F.avg_pool2d(x, grid // inter)
