@@ -181,7 +181,7 @@ def aligned_coarse(embeddings: torch.Tensor, theta: torch.Tensor, size: Sequence
     (64 -> 32 for the student's 5x5 or 8x8 bottleneck), warped onto the view at that grid, then resized to
     ``size`` (anti-aliased bilinear, :func:`lesion_kd.losses.pckd.resize_features`). Against ``aligned`` at 64x64
     followed by the same resize it differs only by the warp's interpolation at the pooled grid (per-cell cosine
-    >= 0.99, tests/test_semikd.py; at twice the size the resize's own smoothing already differs by 0.5%); the warp
+    >= 0.999, tests/test_semikd.py; at twice the size the resize's own smoothing already differs by 0.5%); the warp
     costs a quarter. Returns float32 (B, C, *size) on ``theta``'s device.
     """
     from .losses.pckd import resize_features

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..data.io import atomic_write_bytes
 from . import paired
 from .manifest import (
+    REPO,
     Cell,
     Manifest,
     ManifestError,
@@ -95,18 +96,24 @@ CARRIED_NOTE = ("‡ trained and tested on a lent GPU from the copy of the datas
                 "weights rounded to float16): the cell's `carried_data.txt` says so beside its metrics.")
 
 
+def _model_config(path: Path) -> tuple[str, dict] | None:
+    """(``model.class_path``, ``model.init_args``) of a config file (a cell's resolved ``config.yaml`` or a method
+    config), or None when the file does not exist."""
+    import yaml
+
+    if not path.is_file():
+        return None
+    model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+    return str(model.get("class_path", "")), model.get("init_args") or {}
+
+
 def superseded_losses(run_dir: Path) -> list[str]:
     """The superseded SemiKD loss forms a finished cell's resolved config trained with (empty: none). Configs
     written before an option existed lack its key and had its old behaviour."""
-    import yaml
-
-    cfg = run_dir / "config.yaml"
-    if not cfg.is_file():
+    model = _model_config(run_dir / "config.yaml")
+    if model is None or not model[0].endswith("SemiKDModule"):
         return []
-    model = (yaml.safe_load(cfg.read_text()) or {}).get("model") or {}
-    init = model.get("init_args") or {}
-    if not str(model.get("class_path", "")).endswith("SemiKDModule"):
-        return []
+    init = model[1]
     found = []
     if init.get("kd_mode", "pckd") in ("pckd", "map") and not init.get("map_centered", False):
         found.append("uncentred L_map")
@@ -129,13 +136,10 @@ CHANGED_CONFIG_OPTIONS = {"kd_grid": "teacher"}
 def trained_overrides(run_dir: Path, method_config: Path) -> list[str]:
     """``--model.init_args.KEY VALUE`` for each of ``CHANGED_CONFIG_OPTIONS`` whose value in the cell's resolved
     ``config.yaml`` differs from what ``method_config`` sets today (empty when they agree or either is missing)."""
-    import yaml
-
-    cfg, method = run_dir / "config.yaml", Path(method_config)
-    if not cfg.is_file() or not method.is_file():
+    cell, method = _model_config(run_dir / "config.yaml"), _model_config(Path(method_config))
+    if cell is None or method is None:
         return []
-    trained = (((yaml.safe_load(cfg.read_text()) or {}).get("model") or {}).get("init_args") or {})
-    today = (((yaml.safe_load(method.read_text()) or {}).get("model") or {}).get("init_args") or {})
+    trained, today = cell[1], method[1]
     out = []
     for key, before in CHANGED_CONFIG_OPTIONS.items():
         if key in today and trained.get(key, before) != today[key]:
@@ -146,8 +150,6 @@ def trained_overrides(run_dir: Path, method_config: Path) -> list[str]:
 def fit_command(m: Manifest, cell: Cell, seeds: list[int]) -> str:
     """The ``lesion-kd fit`` command of a row: the cell's own arguments, without reproduce-table's bookkeeping,
     plus the value of an option its method's config has changed since the cell was trained (``trained_overrides``)."""
-    from .manifest import REPO
-
     cmd = "lesion-kd fit " + " ".join(cell_args(m, cell) + trained_overrides(
         cell_dir(m, cell), REPO / "experiments" / "method" / f"{cell.method}.yaml"))
     if seeds != [0]:
