@@ -50,8 +50,8 @@ class SemiKDModule(SegmentationModule):
         kd_grid: where L_pckd's teacher side works. ``teacher``: the cached embedding is warped onto each view at
             the teacher's 64x64 grid and the projector's 1x1 conv, GroupNorm and GELU run there before the
             anti-aliased resize to the student's deepest grid (the committed runs before issue 29; about a third of a
-            160-px training step on CPU, mostly the backward of that 64x64 stage: benchmarks/README.md). ``student``: the embedding is
-            pooled, warped and resized to the student's grid first, without gradient
+            160-px training step on CPU, mostly the backward of that 64x64 stage: benchmarks/README.md).
+            ``student``: the embedding is pooled, warped and resized to the student's grid first, without gradient
             (``lesion_kd.teacher_cache.aligned_coarse``), and the whole projector runs there. Changes the math
             (the projector's normalisation and activation see the pooled embedding); docs/method.md, 4.10.
         beta: weight of L_resp inside L_pckd.
